@@ -1,0 +1,91 @@
+"""The learned flow: a polynomial vector field and its integration with diffrax."""
+
+from typing import ClassVar
+
+import diffrax
+import equinox as eqx
+import jax
+import numpy as np
+from jaxtyping import Array, Bool, Float
+
+from ._library import polynomial_library
+
+_rk4_tableau = diffrax.ButcherTableau(
+    a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
+    b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+    # Embedded midpoint rule, only used if an adaptive controller is chosen.
+    b_error=np.array([1 / 6, -2 / 3, 1 / 3, 1 / 6]),
+    c=np.array([0.5, 0.5, 1.0]),
+)
+
+
+class RK4(diffrax.AbstractERK):
+    """The classical fourth-order Runge--Kutta method, four stages.
+
+    diffrax ships no classical RK4; the LGF paper integrates with it, so it is provided
+    here as a diffrax solver. Its error estimate (against the midpoint rule) is only
+    used with an adaptive step-size controller.
+    """
+
+    tableau: ClassVar[diffrax.ButcherTableau] = _rk4_tableau
+    interpolation_cls: ClassVar = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+
+    def order(self, terms):
+        del terms
+        return 4
+
+
+class PolynomialFlow(eqx.Module):
+    """The vector field ``dz/dt = polynomial_library(z) @ coefficients``.
+
+    **Arguments:**
+
+    - `coefficients`: ``(P, r)`` coefficients of the library columns.
+    - `degree`, `include_bias`: the library, as in `lgfjax.polynomial_library`.
+    """
+
+    coefficients: Float[Array, "P r"]
+    degree: int = eqx.field(static=True)
+    include_bias: bool = eqx.field(static=True)
+
+    def __call__(self, t, z: Float[Array, " r"], args=None) -> Float[Array, " r"]:
+        del t, args
+        return polynomial_library(z, self.degree, self.include_bias) @ self.coefficients
+
+
+def integrate(
+    vector_field,
+    y0,
+    t1,
+    *,
+    solver: diffrax.AbstractSolver,
+    substeps: int,
+    stepsize_controller: diffrax.AbstractStepSizeController,
+    max_steps: int,
+    t0=0.0,
+    args=None,
+) -> tuple[Float[Array, "..."], Bool[Array, ""]]:
+    """Integrate ``dy/dt = vector_field(t, y, args)`` from `t0` to `t1`.
+
+    Returns the state at `t1` and whether diffrax reported success. diffrax never
+    raises here (``throw=False``), and no backward pass is ever built (forward-mode
+    adjoint), because the surrogate step is not differentiated.
+    """
+    dt0 = (t1 - t0) / substeps
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vector_field),
+        solver,
+        t0=t0,
+        t1=t1,
+        dt0=dt0,
+        y0=y0,
+        args=args,
+        saveat=diffrax.SaveAt(t1=True),
+        stepsize_controller=stepsize_controller,
+        max_steps=max_steps,
+        throw=False,
+        adjoint=diffrax.ForwardMode(),
+    )
+    y1 = jax.tree_util.tree_map(lambda y: y[0], sol.ys)
+    return y1, sol.result == diffrax.RESULTS.successful
+

@@ -1,0 +1,559 @@
+"""The LGF gradient transformation: true steps, a fit, then a learned surrogate flow."""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float, Int, PyTree
+
+from ._derivatives import FD_ORDERS
+from ._fit import OK, FitConfig, NONFINITE_STEP, SOLVER_FAILED, STEP_TOO_LARGE
+from ._fit import VALUE_REJECTED, fit_flow
+from ._flow import RK4, PolynomialFlow, integrate
+from ._library import library_size
+from ._pod import tree_lift, tree_project
+from ._validate import (
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+)
+
+
+class LGFState(NamedTuple):
+    """State of `lgfjax.lgf` and `lgfjax.lgf_adam`. Every field is an array leaf.
+
+    Counters are int32 scalars. "Fit dtype" is float64 if any parameter is float64,
+    else float32. ``K`` is `history_size`, ``r`` the rank (``n``, the number of
+    parameters, in full space) and ``P`` the number of library terms.
+    """
+
+    count: Int[Array, ""]  # int32: updates applied so far
+    cycle_step: Int[Array, ""]  # int32: position in the current cycle, 0 .. K + S - 1
+    phase: Int[Array, ""]  # int32: 0 if the next update needs a true gradient, else 1
+    gradient_evaluations: Int[Array, ""]  # int32: true gradients consumed
+    value_evaluations: Int[Array, ""]  # int32: value_fn calls made by acceptance checks
+    surrogate_steps: Int[Array, ""]  # int32: S, surrogate steps in this cycle
+    base_state: Any  # the base optimiser's state, advanced by true steps only
+    trajectory: PyTree[Array]  # leaves (K + 1, *shape), buffer dtype: cycle iterates
+    gradients: PyTree[Array] | None  # leaves (K, *shape): true gradients (Adam only)
+    coefficients: Float[Array, "P r"]  # fit dtype: the learned flow
+    basis: PyTree[Array] | None  # leaves (r, *shape), fit dtype: POD basis (rank only)
+    step_bound: Float[Array, ""]  # fit dtype: largest surrogate step accepted
+    status: Int[Array, ""]  # int32: reason of the last fallback (see `status_message`)
+    fallbacks: Int[Array, ""]  # int32: surrogate phases abandoned
+    fit_residual: Float[Array, ""]  # fit dtype: relative residual of the last fit
+    active_terms: Int[Array, ""]  # int32: non-zero coefficients of the last fit
+    pod_energy: Float[Array, ""]  # fit dtype: energy captured by the basis (1 if full)
+    accepted: Int[Array, ""]  # int32: surrogate steps kept
+    rejected: Int[Array, ""]  # int32: surrogate steps refused or rolled back
+    since_check: Int[Array, ""]  # int32: surrogate steps since the last accepted point
+    reference_loss: Float[Array, ""]  # fit dtype: value_fn at the last accepted point
+    anchor: Any  # (params, base_state) at the last accepted point, or None
+
+
+class SurrogateModel(NamedTuple):
+    """What a surrogate step sees: the fitted flow and its coordinates."""
+
+    flow: PolynomialFlow
+    basis: Any  # POD basis leaves, or None for full space
+    unravel: Callable  # full space only: flat vector -> pytree like params
+
+    def project(self, tree, dtype):
+        if self.basis is None:
+            return ravel_pytree(tree)[0].astype(dtype)
+        return tree_project(self.basis, tree, dtype)
+
+    def lift(self, dz, like):
+        if self.basis is None:
+            return jax.tree_util.tree_map(
+                lambda u, p: u.astype(p.dtype), self.unravel(dz), like
+            )
+        return tree_lift(self.basis, dz, like)
+
+
+def _tree_where(pred, a, b):
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _fit_dtype(params):
+    dtypes = [jnp.result_type(leaf) for leaf in jax.tree_util.tree_leaves(params)]
+    return jnp.result_type(np.float32, *dtypes)
+
+
+def _max_step_length(trajectory, dtype):
+    sq = sum(
+        jnp.sum(
+            jnp.square(jnp.diff(leaf.astype(dtype), axis=0)).reshape(leaf.shape[0] - 1, -1),
+            axis=1,
+        )
+        for leaf in jax.tree_util.tree_leaves(trajectory)
+    )
+    return jnp.sqrt(jnp.max(sq))
+
+
+def make_transformation(
+    *,
+    base_init: Callable,
+    base_update: Callable,
+    surrogate_fn: Callable,
+    record_gradients: bool,
+    cfg: FitConfig,
+    retrain_interval: int,
+    dt: float,
+    max_step_ratio: float | None,
+    check_every: int | None,
+    check_tolerance: float,
+    adaptive: bool,
+    max_surrogate_steps: int,
+    buffer_dtype,
+) -> optax.GradientTransformationExtraArgs:
+    """The cycle engine shared by `lgf` and `lgf_adam`.
+
+    `surrogate_fn(model, params, base_state, dtype)` returns ``(updates, base_state,
+    ok)`` for one surrogate step; everything else (recording, fitting, guards, value
+    checks, the schedule) is common.
+    """
+    K = cfg.history_size
+    checking = check_every is not None
+
+    def init_fn(params):
+        dtype = _fit_dtype(params)
+        n = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+        r = n if cfg.rank is None else cfg.rank
+        P = library_size(r, cfg.degree, cfg.include_bias)
+
+        def buffer(rows):
+            return jax.tree_util.tree_map(
+                lambda p: jnp.zeros((rows,) + jnp.shape(p), buffer_dtype or jnp.result_type(p)),
+                params,
+            )
+
+        zero_i = jnp.zeros((), jnp.int32)
+        base_state = base_init(params)
+        return LGFState(
+            count=zero_i,
+            cycle_step=zero_i,
+            phase=zero_i,
+            gradient_evaluations=zero_i,
+            value_evaluations=zero_i,
+            surrogate_steps=jnp.asarray(retrain_interval - K, jnp.int32),
+            base_state=base_state,
+            trajectory=buffer(K + 1),
+            gradients=buffer(K) if record_gradients else None,
+            coefficients=jnp.zeros((P, r), dtype),
+            basis=None
+            if cfg.rank is None
+            else jax.tree_util.tree_map(
+                lambda p: jnp.zeros((r,) + jnp.shape(p), dtype), params
+            ),
+            step_bound=jnp.zeros((), dtype),
+            status=zero_i,
+            fallbacks=zero_i,
+            fit_residual=jnp.zeros((), dtype),
+            active_terms=zero_i,
+            pod_energy=jnp.zeros((), dtype),
+            accepted=zero_i,
+            rejected=zero_i,
+            since_check=zero_i,
+            reference_loss=jnp.zeros((), dtype),
+            anchor=(
+                jax.tree_util.tree_map(jnp.asarray, params),
+                base_state,
+            )
+            if checking
+            else None,
+        )
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        if params is None:
+            raise ValueError("lgfjax transformations need `params` in `update`.")
+        if checking and value_fn is None:
+            raise ValueError(
+                "`check_every` is set, so `update` needs the extra argument "
+                "`value_fn` (params -> scalar loss), as for `optax.lbfgs`."
+            )
+        dtype = state.coefficients.dtype
+        cs = state.cycle_step
+        last_of_cycle = cs + 1 >= K + state.surrogate_steps
+        flat_params, unravel_flat = ravel_pytree(params)
+
+        def unravel(v):
+            return unravel_flat(v.astype(flat_params.dtype))
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, updates)
+
+        def as_updates(tree):
+            return jax.tree_util.tree_map(lambda u, z: u.astype(z.dtype), tree, zeros)
+
+        def true_branch(updates, state, params):
+            new_updates, base_state = base_update(
+                updates, state.base_state, params, **extra_args
+            )
+            recording = cs < K
+
+            def write(buf, leaf, row):
+                new_row = jnp.where(recording, leaf.astype(buf.dtype), buf[row])
+                return buf.at[row].set(new_row)
+
+            trajectory = jax.tree_util.tree_map(
+                lambda b, p: write(b, p, jnp.minimum(cs, K)), state.trajectory, params
+            )
+            gradients = state.gradients
+            if record_gradients:
+                gradients = jax.tree_util.tree_map(
+                    lambda b, g: write(b, g, jnp.minimum(cs, K - 1)), gradients, updates
+                )
+            state = state._replace(
+                base_state=base_state,
+                trajectory=trajectory,
+                gradients=gradients,
+                gradient_evaluations=state.gradient_evaluations + 1,
+            )
+            return as_updates(new_updates), state, jnp.asarray(OK, jnp.int32)
+
+        def surrogate_step(state, params, code):
+            model = SurrogateModel(
+                PolynomialFlow(state.coefficients, cfg.degree, cfg.include_bias),
+                state.basis,
+                unravel,
+            )
+            step, base_state, solver_ok = surrogate_fn(model, params, state.base_state, dtype)
+            length = optax.tree.norm(step)
+            code = jnp.where(code != OK, code, jnp.where(solver_ok, OK, SOLVER_FAILED))
+            code = jnp.where((code == OK) & ~jnp.isfinite(length), NONFINITE_STEP, code)
+            code = jnp.where((code == OK) & (length > state.step_bound), STEP_TOO_LARGE, code)
+            ok = code == OK
+            step = _tree_where(ok, step, zeros)
+            base_state = _tree_where(ok, base_state, state.base_state)
+            if not checking:
+                return as_updates(step), state._replace(
+                    base_state=base_state,
+                    accepted=state.accepted + ok,
+                    rejected=state.rejected + ~ok,
+                ), code
+
+            since = state.since_check + 1
+            do_check = ok & ((since >= check_every) | last_of_cycle)
+            candidate = optax.tree.add(params, step)
+            loss = jax.lax.cond(
+                do_check,
+                lambda p: jnp.asarray(value_fn(p), dtype),
+                lambda p: state.reference_loss,
+                candidate,
+            )
+            ref = state.reference_loss
+            passed = jnp.isfinite(loss) & (loss <= ref + check_tolerance * jnp.abs(ref))
+            keep = do_check & passed
+            roll_back = ~ok | (do_check & ~passed)
+            anchor_params, anchor_base = state.anchor
+            step = _tree_where(roll_back, optax.tree.sub(anchor_params, params), step)
+            base_state = _tree_where(roll_back, anchor_base, base_state)
+            code = jnp.where(ok & roll_back, VALUE_REJECTED, code)
+            state = state._replace(
+                base_state=base_state,
+                value_evaluations=state.value_evaluations + do_check,
+                accepted=state.accepted + jnp.where(keep, since, 0),
+                rejected=state.rejected + jnp.where(roll_back, since, 0),
+                since_check=jnp.where(keep | roll_back, 0, since),
+                reference_loss=jnp.where(keep, loss, ref),
+                anchor=_tree_where(keep, (candidate, base_state), state.anchor),
+            )
+            return as_updates(step), state, code
+
+        def fit_branch(updates, state, params):
+            trajectory = jax.tree_util.tree_map(
+                lambda b, p: b.at[K].set(p.astype(b.dtype)), state.trajectory, params
+            )
+            fit = fit_flow(cfg, trajectory, state.gradients, dt, dtype)
+            if max_step_ratio is None:
+                bound = jnp.asarray(jnp.inf, dtype)
+            else:
+                bound = max_step_ratio * _max_step_length(trajectory, dtype)
+            state = state._replace(
+                trajectory=trajectory,
+                coefficients=fit.coefficients,
+                basis=fit.basis,
+                step_bound=bound.astype(dtype),
+                fit_residual=fit.residual.astype(dtype),
+                active_terms=fit.active,
+                pod_energy=fit.energy,
+            )
+            if checking:
+                ref = jax.lax.cond(
+                    fit.status == OK,
+                    lambda p: jnp.asarray(value_fn(p), dtype),
+                    lambda p: jnp.asarray(jnp.inf, dtype),
+                    params,
+                )
+                state = state._replace(
+                    value_evaluations=state.value_evaluations + (fit.status == OK),
+                    reference_loss=ref,
+                    anchor=(params, state.base_state),
+                    since_check=jnp.zeros((), jnp.int32),
+                )
+            return surrogate_step(state, params, fit.status)
+
+        def surrogate_branch(updates, state, params):
+            return surrogate_step(state, params, jnp.asarray(OK, jnp.int32))
+
+        branch = jnp.where(state.phase == 0, 0, jnp.where(cs == K, 1, 2))
+        new_updates, new_state, code = jax.lax.switch(
+            branch, (true_branch, fit_branch, surrogate_branch), updates, state, params
+        )
+
+        failed = code != OK
+        fell_back = failed | ((state.phase == 0) & (cs >= K))
+        next_cs = jnp.where(last_of_cycle, 0, cs + 1)
+        next_phase = ((next_cs >= K) & ~fell_back).astype(jnp.int32)
+        surrogate_steps = state.surrogate_steps
+        if adaptive:
+            grown = jnp.minimum(2 * surrogate_steps, max_surrogate_steps)
+            shrunk = jnp.maximum(surrogate_steps // 2, 1)
+            surrogate_steps = jnp.where(
+                last_of_cycle, jnp.where(fell_back, shrunk, grown), surrogate_steps
+            )
+        new_state = new_state._replace(
+            count=state.count + 1,
+            cycle_step=next_cs.astype(jnp.int32),
+            phase=next_phase,
+            surrogate_steps=surrogate_steps.astype(jnp.int32),
+            status=jnp.where(failed, code, state.status).astype(jnp.int32),
+            fallbacks=state.fallbacks + failed,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def validate_schedule(history_size, retrain_interval, rank, min_history: int):
+    check_positive_int("history_size", history_size, min_history)
+    check_positive_int("retrain_interval", retrain_interval, history_size)
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= history_size:
+            raise ValueError(
+                f"`rank` must be None or an integer in [1, history_size={history_size}], "
+                f"got {rank!r}."
+            )
+
+
+def validate_flow_options(
+    *,
+    poly_order,
+    dt,
+    threshold,
+    alpha,
+    max_iter,
+    solver,
+    substeps,
+    max_steps,
+    max_step_ratio,
+    check_every,
+    check_tolerance,
+    weak_power,
+):
+    check_positive_int("poly_order", poly_order)
+    check_positive("dt", dt)
+    check_nonnegative("threshold", threshold)
+    check_nonnegative("alpha", alpha)
+    check_positive_int("max_iter", max_iter)
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise ValueError(
+            f"`solver` must be a diffrax.AbstractSolver instance such as "
+            f"lgfjax.RK4() or diffrax.Tsit5(), got {solver!r}."
+        )
+    check_positive_int("substeps", substeps)
+    if max_steps is not None:
+        check_positive_int("max_steps", max_steps, substeps)
+    if max_step_ratio is not None:
+        check_positive("max_step_ratio", max_step_ratio)
+    if check_every is not None:
+        check_positive_int("check_every", check_every)
+    check_nonnegative("check_tolerance", check_tolerance)
+    check_positive_int("weak_power", weak_power)
+
+
+def lgf(
+    base: optax.GradientTransformation,
+    *,
+    history_size: int,
+    retrain_interval: int,
+    dt: float,
+    poly_order: int = 1,
+    include_bias: bool = True,
+    rank: int | None = None,
+    derivative: str = "strong",
+    fd_order: int = 2,
+    weak_width: int | None = None,
+    weak_power: int = 4,
+    threshold: float = 1e-8,
+    alpha: float = 1e-6,
+    max_iter: int = 20,
+    normalize_columns: bool = True,
+    unbias: bool = True,
+    solver: diffrax.AbstractSolver = RK4(),
+    substeps: int = 1,
+    stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
+    max_steps: int | None = None,
+    max_step_ratio: float | None = 10.0,
+    check_every: int | None = None,
+    check_tolerance: float = 0.0,
+    adaptive: bool = False,
+    max_surrogate_steps: int | None = None,
+    buffer_dtype=None,
+) -> optax.GradientTransformationExtraArgs:
+    """Learned gradient flow (LGF) around any optax optimiser.
+
+    Every cycle of `retrain_interval` (M) updates starts with `history_size` (K) true
+    steps of `base`, whose iterates are recorded. The next update fits a sparse
+    polynomial ODE ``dz/dt = Theta(z) Xi`` to that trajectory (sampled every `dt`),
+    in the parameters themselves or in the coordinates of a rank-`rank` POD basis,
+    and then each of the remaining M - K updates integrates the learned flow over
+    `dt` with diffrax instead of using a gradient. Use `lgfjax.value_and_grad` (or
+    `lgfjax.needs_gradient`) so that the objective is not evaluated in those steps.
+
+    Safeguards cost no gradient: a fit that is not finite or keeps no term, a diffrax
+    failure, a non-finite step, or a step longer than `max_step_ratio` times the
+    longest recorded true step abandons the surrogate phase; that update is zero and
+    the rest of the cycle takes true steps. The reason is kept in ``state.status``.
+    With `check_every`, the loss is also checked through the extra argument
+    `value_fn` every `check_every` surrogate steps and at the end of the phase (no
+    gradient); a rise rolls back to the last accepted point.
+
+    **Arguments:**
+
+    - `base`: the optimiser taking the true steps, e.g. ``optax.sgd(1e-2)``. For
+      gradient descent's flow, `dt` equals its learning rate.
+    - `history_size`: K, true steps recorded per cycle.
+    - `retrain_interval`: M, updates per cycle (``>= K``).
+    - `dt`: time between recorded iterates, and integration time per surrogate step.
+    - `poly_order`, `include_bias`: the polynomial library.
+    - `rank`: POD rank ``1 <= rank <= K``, or None to fit in full parameter space.
+    - `derivative`: ``"strong"`` (finite differences of order `fd_order` in
+      {1, 2, 4}) or ``"weak"`` (test functions of `weak_width` samples, power
+      `weak_power`).
+    - `threshold`, `alpha`, `max_iter`, `normalize_columns`, `unbias`: STLSQ, see
+      `lgfjax.stlsq`.
+    - `solver`, `substeps`, `stepsize_controller`, `max_steps`: the diffrax solve of
+      each surrogate step (initial step ``dt / substeps``).
+    - `max_step_ratio`: trust-region factor, or None for no bound.
+    - `check_every`, `check_tolerance`: the `value_fn` acceptance test; a check
+      passes when ``loss <= reference + check_tolerance * |reference|``.
+    - `adaptive`: double the surrogate phase after a cycle with no fallback, halve it
+      after one with, between 1 and `max_surrogate_steps` (default ``4 (M - K)``).
+    - `buffer_dtype`: storage dtype of the trajectory buffer (e.g. ``jnp.bfloat16``);
+      the fit itself runs in float32 or float64.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
+    `lgfjax.LGFState`.
+
+    ```python
+    import jax, jax.numpy as jnp, optax, lgfjax
+
+    def loss(x):
+        return 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * x**2)
+
+    opt = lgfjax.lgf(optax.sgd(0.1), history_size=10, retrain_interval=30, dt=0.1)
+    params = jnp.array([1.0, 1.0])
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        _, grads = lgfjax.value_and_grad(loss)(params, state)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(90):
+        params, state = step(params, state)
+    assert lgfjax.gradient_evaluations(state) == 30 and loss(params) < 1e-6
+    ```
+    """
+    if not isinstance(base, optax.GradientTransformation):
+        raise ValueError(f"`base` must be an optax.GradientTransformation, got {base!r}.")
+    check_choice("derivative", derivative, ("strong", "weak"))
+    check_choice("fd_order", fd_order, tuple(FD_ORDERS))
+    lo, hi = FD_ORDERS[fd_order] if derivative == "strong" else (0, 0)
+    validate_schedule(history_size, retrain_interval, rank, max(3, lo + hi + 1))
+    validate_flow_options(
+        poly_order=poly_order,
+        dt=dt,
+        threshold=threshold,
+        alpha=alpha,
+        max_iter=max_iter,
+        solver=solver,
+        substeps=substeps,
+        max_steps=max_steps,
+        max_step_ratio=max_step_ratio,
+        check_every=check_every,
+        check_tolerance=check_tolerance,
+        weak_power=weak_power,
+    )
+    if weak_width is not None and not (
+        isinstance(weak_width, int) and 3 <= weak_width <= history_size + 1
+    ):
+        raise ValueError(
+            f"`weak_width` must be None or an integer in [3, history_size + 1="
+            f"{history_size + 1}], got {weak_width!r}."
+        )
+    max_surrogate_steps = _check_adaptive(
+        adaptive, max_surrogate_steps, retrain_interval - history_size
+    )
+    cfg = FitConfig(
+        history_size=history_size,
+        degree=poly_order,
+        include_bias=include_bias,
+        rank=rank,
+        derivative=derivative,
+        fd_order=fd_order,
+        weak_width=weak_width,
+        weak_power=weak_power,
+        threshold=threshold,
+        alpha=alpha,
+        max_iter=max_iter,
+        normalize_columns=normalize_columns,
+        unbias=unbias,
+    )
+    steps_cap = 16 * substeps if max_steps is None else max_steps
+
+    def surrogate_fn(model, params, base_state, dtype):
+        z0 = model.project(params, dtype)
+        z1, ok = integrate(
+            model.flow,
+            z0,
+            jnp.asarray(dt, dtype),
+            solver=solver,
+            substeps=substeps,
+            stepsize_controller=stepsize_controller,
+            max_steps=steps_cap,
+        )
+        return model.lift(z1 - z0, params), base_state, ok
+
+    return make_transformation(
+        base_init=base.init,
+        base_update=base.update,
+        surrogate_fn=surrogate_fn,
+        record_gradients=False,
+        cfg=cfg,
+        retrain_interval=retrain_interval,
+        dt=dt,
+        max_step_ratio=max_step_ratio,
+        check_every=check_every,
+        check_tolerance=check_tolerance,
+        adaptive=adaptive,
+        max_surrogate_steps=max_surrogate_steps,
+        buffer_dtype=buffer_dtype,
+    )
+
+
+def _check_adaptive(adaptive, max_surrogate_steps, default_steps):
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"`adaptive` must be True or False, got {adaptive!r}.")
+    if max_surrogate_steps is None:
+        return max(1, 4 * default_steps)
+    check_positive_int("max_surrogate_steps", max_surrogate_steps, max(1, default_steps))
+    return max_surrogate_steps

@@ -1,0 +1,131 @@
+"""Reading an LGF state, and evaluating the objective only when a step needs it."""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from ._fit import STATUS_MESSAGES
+from ._lgf import LGFState
+
+
+def find_state(state) -> LGFState:
+    """The `LGFState` inside a (possibly chained or wrapped) optimiser state."""
+    if isinstance(state, LGFState):
+        return state
+    found = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(
+            state, is_leaf=lambda x: isinstance(x, LGFState)
+        )
+        if isinstance(leaf, LGFState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected exactly one lgfjax state inside the optimiser state, found "
+            f"{len(found)}."
+        )
+    return found[0]
+
+
+def needs_gradient(state) -> jax.Array:
+    """Whether the next `update` takes a true step and so needs the true gradient.
+
+    In surrogate steps the incoming updates are ignored, so they may be zeros.
+    """
+    return find_state(state).phase == 0
+
+
+def gradient_evaluations(state) -> jax.Array:
+    """True gradients consumed so far (int32)."""
+    return find_state(state).gradient_evaluations
+
+
+def status_message(code: int) -> str:
+    """Text for a fallback reason stored in ``state.status``."""
+    return STATUS_MESSAGES[int(code)]
+
+
+class Diagnostics(NamedTuple):
+    """A cheap summary of an LGF state, safe to log every step (all scalars)."""
+
+    phase: Int[Array, ""]  # 0: next update is a true step; 1: surrogate step
+    steps: Int[Array, ""]
+    gradient_evaluations: Int[Array, ""]
+    value_evaluations: Int[Array, ""]
+    fit_residual: Float[Array, ""]
+    active_terms: Int[Array, ""]
+    pod_energy: Float[Array, ""]
+    accepted: Int[Array, ""]
+    rejected: Int[Array, ""]
+    fallbacks: Int[Array, ""]
+    status: Int[Array, ""]
+    surrogate_steps: Int[Array, ""]
+
+
+def diagnostics(state) -> Diagnostics:
+    """Diagnostics of the (possibly nested) LGF state; see `Diagnostics`."""
+    s = find_state(state)
+    return Diagnostics(
+        phase=s.phase,
+        steps=s.count,
+        gradient_evaluations=s.gradient_evaluations,
+        value_evaluations=s.value_evaluations,
+        fit_residual=s.fit_residual,
+        active_terms=s.active_terms,
+        pod_energy=s.pod_energy,
+        accepted=s.accepted,
+        rejected=s.rejected,
+        fallbacks=s.fallbacks,
+        status=s.status,
+        surrogate_steps=s.surrogate_steps,
+    )
+
+
+def _placeholder(shape_dtype, fill):
+    if jnp.issubdtype(shape_dtype.dtype, jnp.inexact):
+        return jnp.full(shape_dtype.shape, fill, shape_dtype.dtype)
+    return jnp.zeros(shape_dtype.shape, shape_dtype.dtype)
+
+
+def value_and_grad(fun: Callable, *, has_aux: bool = False) -> Callable:
+    """Like `jax.value_and_grad`, but only evaluated when the optimiser needs it.
+
+    Returns a function ``(params, state, *args, **kwargs) -> (value, grads)``. When
+    `needs_gradient` is false, `fun` is not executed (the branch is switched with
+    `jax.lax.cond`), the value is NaN and the gradients are zeros; with `has_aux` the
+    result is ``((value, aux), grads)`` and aux is NaN/zero filled.
+
+    Under `jax.vmap` with a batched state, `lax.cond` becomes `lax.select`: both
+    branches run and nothing is saved. Map over runs with `lax.map` or
+    `jax.lax.scan` if skipping matters there.
+
+    ```python
+    import jax.numpy as jnp, optax, lgfjax
+
+    opt = lgfjax.lgf(optax.sgd(0.1), history_size=4, retrain_interval=8, dt=0.1)
+    state = opt.init(jnp.ones(2))
+    value, grads = lgfjax.value_and_grad(lambda x: jnp.sum(x**2))(jnp.ones(2), state)
+    assert value == 2.0 and grads.tolist() == [2.0, 2.0]
+    ```
+    """
+    vg = jax.value_and_grad(fun, has_aux=has_aux)
+
+    def wrapped(params, state, *args, **kwargs):
+        def evaluate(operands):
+            p, a, k = operands
+            return vg(p, *a, **k)
+
+        def skip(operands):
+            p, a, k = operands
+            shapes = jax.eval_shape(vg, p, *a, **k)
+            (value_shapes, grad_shapes) = shapes
+            value = jax.tree_util.tree_map(lambda s: _placeholder(s, jnp.nan), value_shapes)
+            grads = jax.tree_util.tree_map(lambda s: _placeholder(s, 0.0), grad_shapes)
+            return value, grads
+
+        return jax.lax.cond(needs_gradient(state), evaluate, skip, (params, args, kwargs))
+
+    return wrapped

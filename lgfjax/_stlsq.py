@@ -1,0 +1,172 @@
+"""Sequentially-thresholded least squares (STLSQ), as in SINDy, with fixed shapes."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from ._validate import check_nonnegative, check_positive_int
+
+# pysindy decides which coefficients take part in the unbiasing refit by this cut.
+_NONZERO = 1e-14
+# Above this many entries the (P, N, N) outer-product table of the dual form is not
+# built at once; the kernel matrices are then formed one target at a time.
+_DUAL_TABLE_LIMIT = 2**26
+
+
+def _column_scale(theta, normalize_columns: bool):
+    if not normalize_columns:
+        return jnp.ones(theta.shape[1], theta.dtype)
+    norms = jnp.linalg.norm(theta, axis=0)
+    # A zero column stays zero; pysindy would divide by zero here.
+    return jnp.where(norms > 0, norms, 1.0)
+
+
+def _primal_solve(x, y, masks, alpha):
+    """Ridge (``alpha > 0``) or min-norm least squares on each target's support.
+
+    ``x``: (N, P), ``y``: (N, d), ``masks``: (d, P). Returns (d, P).
+    """
+    fm = masks.astype(x.dtype)
+    if alpha is None:
+        # Unregularised refit: SVD least squares on the masked columns gives the
+        # minimum-norm solution, which is exactly zero on the masked-out columns.
+        def one(m, yj):
+            return m * jnp.linalg.lstsq(x * m, yj)[0]
+
+        return jax.vmap(one, in_axes=(0, 1))(fm, y)
+    gram = x.T @ x
+    rhs = x.T @ y
+
+    def one(m, bj):
+        a = gram * jnp.outer(m, m) + jnp.diag(alpha * m + (1.0 - m))
+        return m * jnp.linalg.solve(a, m * bj)
+
+    return jax.vmap(one, in_axes=(0, 1))(fm, rhs)
+
+
+def _dual_kernels(x, fm):
+    """``K_j = x diag(m_j) x^T`` for every target j, shape (d, N, N), with no (P, P)."""
+    n_rows, n_feat = x.shape
+    if n_feat * n_rows * n_rows <= _DUAL_TABLE_LIMIT:
+        # One GEMM over all targets: (d, P) @ (P, N*N).
+        table = jnp.einsum("ip,jp->pij", x, x).reshape(n_feat, n_rows * n_rows)
+        return (fm @ table).reshape(-1, n_rows, n_rows)
+    return jax.lax.map(lambda m: (x * m) @ x.T, fm)
+
+
+def _dual_solve(x, y, masks, alpha):
+    """Kernel form of `_primal_solve` for more features than rows: w = X_m^T z."""
+    fm = masks.astype(x.dtype)
+    kernels = _dual_kernels(x, fm)
+    n_rows = x.shape[0]
+    if alpha is None:
+        # Minimum-norm solution through the pseudo-inverse of each kernel.
+        def one(k, yj):
+            lam, vec = jnp.linalg.eigh(k)
+            cut = jnp.finfo(x.dtype).eps * x.shape[1] * jnp.max(jnp.abs(lam))
+            inv = jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
+            return vec @ (inv * (vec.T @ yj))
+
+    else:
+
+        def one(k, yj):
+            return jnp.linalg.solve(k + alpha * jnp.eye(n_rows, dtype=x.dtype), yj)
+
+    z = jax.vmap(one, in_axes=(0, 1))(kernels, y)  # (d, N)
+    return fm * (z @ x)
+
+
+def _masked_solve(x, y, masks, alpha):
+    solve = _dual_solve if x.shape[1] > x.shape[0] else _primal_solve
+    return solve(x, y, masks, alpha)
+
+
+def stlsq(
+    theta: Float[Array, "N P"],
+    target: Float[Array, "N d"] | Float[Array, " N"],
+    *,
+    threshold=0.1,
+    alpha=0.05,
+    max_iter: int = 20,
+    normalize_columns: bool = False,
+    unbias: bool = True,
+) -> Float[Array, "P d"]:
+    """Sparse regression ``target ~ theta @ coefficients`` by STLSQ.
+
+    The algorithm and its stopping rule are pysindy's ``STLSQ``: start from every
+    term, repeatedly ridge-regress each target on its current support (``alpha``
+    without a ``1/N`` factor), keep the coefficients with ``|c| >= threshold``, and
+    stop when no term was ever dropped or the support stops changing, after at most
+    ``max_iter`` ridge fits. With `unbias` the surviving terms are refitted without
+    regularisation. With `normalize_columns` all of this happens for unit-norm
+    columns and the coefficients are scaled back at the end.
+
+    Supports are boolean masks, so the shapes never change and the function works
+    under `jax.jit`, `jax.vmap` and `jax.lax.cond`. When ``P > N`` every solve uses
+    the dual (kernel) form, which needs ``N x N`` systems and no ``P x P`` matrix.
+
+    **Arguments:**
+
+    - `theta`: library matrix, one sample per row.
+    - `target`: derivative targets, one column per state variable.
+    - `threshold`: the hard threshold, ``>= 0``.
+    - `alpha`: ridge strength, ``>= 0`` (0 means plain least squares).
+    - `max_iter`: the largest number of ridge fits, ``>= 1``.
+    - `normalize_columns`: threshold in the space of unit-norm columns.
+    - `unbias`: refit the selected terms without regularisation.
+
+    **Returns:** coefficients of shape ``(P, d)`` (``(P,)`` for a 1-D target).
+
+    ```python
+    import jax.numpy as jnp
+    import lgfjax
+
+    t = jnp.linspace(0.0, 1.0, 50)
+    x = jnp.stack([jnp.exp(-t), jnp.exp(2 * t)], axis=1)  # x0' = -x0, x1' = 2 x1
+    theta = lgfjax.polynomial_library(x, degree=2)
+    target = jnp.stack([-x[:, 0], 2 * x[:, 1]], axis=1)
+    xi = lgfjax.stlsq(theta, target, threshold=0.1, alpha=0.0)
+    assert jnp.allclose(xi[1:3], jnp.array([[-1.0, 0.0], [0.0, 2.0]]), atol=1e-5)
+    ```
+    """
+    check_nonnegative("threshold", threshold)
+    check_nonnegative("alpha", alpha)
+    check_positive_int("max_iter", max_iter)
+    theta = jnp.asarray(theta)
+    target = jnp.asarray(target, theta.dtype)
+    squeeze = target.ndim == 1
+    y = target[:, None] if squeeze else target
+    n_feat, n_targets = theta.shape[1], y.shape[1]
+
+    scale = _column_scale(theta, normalize_columns)
+    x = theta / scale
+    ridge_alpha = None if (isinstance(alpha, (int, float)) and alpha == 0) else alpha
+    all_masks = jnp.ones((n_targets, n_feat), bool)
+    # pysindy compares the first support against that of a plain least-squares fit.
+    initial = _masked_solve(x, y, all_masks, None)
+
+    def cond(carry):
+        k, _, _, done = carry
+        return (k < max_iter) & ~done
+
+    def body(carry):
+        k, masks, previous, _ = carry
+        coef = _masked_solve(x, y, masks, ridge_alpha)
+        big = jnp.abs(coef) >= threshold
+        # A target whose support is already empty is skipped and keeps it.
+        empty = ~jnp.any(masks, axis=1, keepdims=True)
+        new_masks = jnp.where(empty, masks, big)
+        coef = jnp.where(big & ~empty, coef, 0.0)
+        nothing_dropped = jnp.sum(new_masks) == n_feat * n_targets
+        same_support = jnp.all((coef != 0) == (previous != 0))
+        done = nothing_dropped | same_support | ~jnp.any(masks)
+        return k + 1, new_masks, coef, done
+
+    carry = (jnp.asarray(0, jnp.int32), all_masks, initial, jnp.asarray(False))
+    _, _, coef, _ = jax.lax.while_loop(cond, body, carry)
+
+    if unbias:
+        support: Bool[Array, "d P"] = jnp.abs(coef) > _NONZERO
+        coef = _masked_solve(x, y, support, None)
+    coef = (coef / scale).T
+    return coef[:, 0] if squeeze else coef

@@ -1,0 +1,39 @@
+"""Construction-time checks that name the offending argument, its value and range."""
+
+import jax
+
+_FLOAT_TYPES = (int, float)
+
+
+def _concrete(value) -> bool:
+    # Traced hyperparameters (e.g. under optax.inject_hyperparams) cannot be checked.
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _fail(name, value, allowed):
+    raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(name, value, f"an integer >= {minimum}")
+
+
+def check_nonnegative(name: str, value) -> None:
+    if _concrete(value) and not (float(value) >= 0.0):
+        _fail(name, value, "a number >= 0")
+
+
+def check_positive(name: str, value) -> None:
+    if _concrete(value) and not (float(value) > 0.0):
+        _fail(name, value, "a number > 0")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        _fail(name, value, f"one of {tuple(choices)!r}")
+
+
+def check_range(name: str, value, lo, hi, allowed: str) -> None:
+    if _concrete(value) and not (lo <= float(value) <= hi):
+        _fail(name, value, allowed)
