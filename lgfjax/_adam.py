@@ -1,0 +1,321 @@
+"""LGF around Adam: true Adam steps, a learned gradient, and the Adam ODE in between."""
+
+from typing import Any, NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Int
+
+from ._fit import FitConfig
+from ._flow import RK4, integrate
+from ._lgf import _check_adaptive, make_transformation, validate_flow_options, validate_schedule
+from ._validate import _concrete, check_nonnegative, check_positive
+
+
+class AdamState(NamedTuple):
+    """The Adam moments carried by `lgf_adam` (its ``LGFState.base_state``).
+
+    Moments have the shapes and dtypes of the parameters.
+    """
+
+    count: Int[Array, ""]  # int32: Adam steps taken (true and surrogate)
+    mu: Any  # pytree like params: first moment m
+    nu: Any  # pytree like params: second moment v
+    nu_max: Any  # pytree like params: AMSGrad's running max of v-hat, or None
+
+
+def _bias(decay, count):
+    # As optax: the power is taken in the default float dtype, then cast per leaf, so
+    # that low-precision moments never see 1 - decay**count round to zero.
+    return 1 - decay**count
+
+
+def adam_base(learning_rate, b1, b2, eps, amsgrad: bool):
+    """Adam as ``(init, update)`` whose discrete steps match `optax.adam` to rounding.
+
+    Written as the semi-implicit Euler step, of length `learning_rate`, of the Adam ODE
+    integrated by the surrogate steps: ``m += (1 - b1)(g - m)`` (computed as
+    ``(1 - b1) g + b1 m``, which is optax's rounding), likewise for ``v`` with ``g^2``,
+    then ``a -= eta mhat / (sqrt(vhat) + eps)`` with the updated moments.
+    """
+
+    def init(params):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return AdamState(
+            count=jnp.zeros((), jnp.int32),
+            mu=zeros,
+            nu=zeros,
+            nu_max=zeros if amsgrad else None,
+        )
+
+    def update(grads, state, params=None, **extra_args):
+        del params, extra_args
+        mu = jax.tree_util.tree_map(lambda g, m: (1 - b1) * g + b1 * m, grads, state.mu)
+        nu = jax.tree_util.tree_map(lambda g, v: (1 - b2) * g**2 + b2 * v, grads, state.nu)
+        count = optax.safe_increment(state.count)
+        c1, c2 = _bias(b1, count), _bias(b2, count)
+        mu_hat = jax.tree_util.tree_map(lambda m: m / c1.astype(m.dtype), mu)
+        nu_hat = jax.tree_util.tree_map(lambda v: v / c2.astype(v.dtype), nu)
+        nu_max = None
+        if amsgrad:
+            nu_max = jax.tree_util.tree_map(jnp.maximum, state.nu_max, nu_hat)
+            nu_hat = nu_max
+        updates = jax.tree_util.tree_map(
+            lambda m, v: -learning_rate * (m / (jnp.sqrt(v) + eps)), mu_hat, nu_hat
+        )
+        updates = jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype), updates, grads)
+        return updates, AdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+    return init, update
+
+
+def _cast_like(tree, like):
+    return jax.tree_util.tree_map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def adam_surrogate(
+    learning_rate, b1, b2, eps, amsgrad, dt, *, solver, substeps, stepsize_controller, max_steps
+):
+    """The surrogate step: the Adam ODE in ``(a, m, v)`` over `dt`, learned gradient.
+
+    With ``tau = count + s / eta`` (Adam steps elapsed, ``s`` the time within the step):
+
+        dm/ds = (1 - b1) / eta (g(a) - m),   dv/ds = (1 - b2) / eta (g(a)^2 - v),
+        da/ds = -mhat / (sqrt(vhat) + eps),  mhat = m / (1 - b1^tau), vhat = v / (1 - b2^tau).
+
+    Its semi-implicit Euler step with ``ds = eta`` is exactly one Adam step, so the
+    moments carry over unchanged into the next true phase. With AMSGrad the running
+    max is held fixed within the step (the denominator uses ``max(nu_max, vhat(s))``)
+    and updated at its end.
+    """
+    eta = learning_rate
+
+    def surrogate_fn(model, params, base_state, dtype):
+        def vector_field(s, y, args):
+            a, m, v = y
+            count0, nu_max = args
+            g = model.lift(model.flow(s, model.project(a, dtype)), like=a)
+            tau = count0 + s / eta
+            c1, c2 = 1 - b1**tau, 1 - b2**tau
+
+            def da(m_, v_, vm_):
+                v_hat = v_ / c2
+                if vm_ is not None:
+                    v_hat = jnp.maximum(vm_, v_hat)
+                return -(m_ / c1) / (jnp.sqrt(v_hat) + eps)
+
+            dm = jax.tree_util.tree_map(lambda g_, m_: (1 - b1) / eta * (g_ - m_), g, m)
+            dv = jax.tree_util.tree_map(lambda g_, v_: (1 - b2) / eta * (g_**2 - v_), g, v)
+            if nu_max is None:
+                dadt = jax.tree_util.tree_map(lambda m_, v_: da(m_, v_, None), m, v)
+            else:
+                dadt = jax.tree_util.tree_map(da, m, v, nu_max)
+            return dadt, dm, dv
+
+        def to_fit(tree):
+            return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
+
+        y0 = to_fit((params, base_state.mu, base_state.nu))
+        count0 = base_state.count.astype(dtype)
+        nu_max0 = None if base_state.nu_max is None else to_fit(base_state.nu_max)
+        (a1, m1, v1), ok = integrate(
+            vector_field,
+            y0,
+            jnp.asarray(dt, dtype),
+            solver=solver,
+            substeps=substeps,
+            stepsize_controller=stepsize_controller,
+            max_steps=max_steps,
+            args=(count0, nu_max0),
+        )
+        count = optax.safe_increment(base_state.count)
+        nu_max = None
+        if nu_max0 is not None:
+            # The running max is over the bias-corrected v at the step's end, as in optax.
+            c2 = 1 - b2 ** (count0 + jnp.asarray(dt, dtype) / eta)
+            nu_max = _cast_like(
+                jax.tree_util.tree_map(lambda vm, v: jnp.maximum(vm, v / c2), nu_max0, v1),
+                base_state.nu_max,
+            )
+        new_state = AdamState(
+            count=count,
+            mu=_cast_like(m1, base_state.mu),
+            nu=_cast_like(v1, base_state.nu),
+            nu_max=nu_max,
+        )
+        updates = _cast_like(
+            jax.tree_util.tree_map(lambda x1, x0: x1 - x0, a1, y0[0]), params
+        )
+        return updates, new_state, ok
+
+    return surrogate_fn
+
+
+def lgf_adam(
+    learning_rate: float,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    history_size: int,
+    retrain_interval: int,
+    dt: float | None = None,
+    poly_order: int = 1,
+    include_bias: bool = True,
+    rank: int | None = None,
+    threshold: float = 1e-8,
+    alpha: float = 1e-6,
+    max_iter: int = 20,
+    normalize_columns: bool = True,
+    unbias: bool = True,
+    solver: diffrax.AbstractSolver = RK4(),
+    substeps: int = 1,
+    stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
+    max_steps: int | None = None,
+    max_step_ratio: float | None = 10.0,
+    check_every: int | None = None,
+    check_tolerance: float = 0.0,
+    adaptive: bool = False,
+    max_surrogate_steps: int | None = None,
+    buffer_dtype=None,
+    amsgrad: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Learned gradient flow (LGF) with Adam as the base optimiser.
+
+    Every cycle of `retrain_interval` (M) updates starts with `history_size` (K) true
+    Adam steps (identical to `optax.adam`), recording the iterates and their gradients.
+    A sparse polynomial model of the gradient, ``g(a) ~ Theta(a) Xi``, is then fitted
+    to them by STLSQ, in the parameters themselves or in the coordinates of a
+    rank-`rank` POD basis of the iterates. Each of the remaining M - K updates
+    integrates the Adam ODE
+
+        dm/dt = (1 - b1)/eta (g - m),  dv/dt = (1 - b2)/eta (g^2 - v),
+        da/dt = -mhat / (sqrt(vhat) + eps)
+
+    over `dt` with diffrax, with the learned ``g`` and continuous bias corrections.
+    One Adam step is the semi-implicit Euler step of this ODE with ``dt = eta``, so
+    the moments carry over into the next true phase and the step counter advances by
+    one per surrogate step as well. Use `lgfjax.value_and_grad` so that the objective
+    is not evaluated in surrogate steps. Safeguards, `value_fn` checks and the
+    adaptive schedule are those of `lgfjax.lgf`.
+
+    **Arguments:**
+
+    - `learning_rate`, `b1`, `b2`, `eps`: Adam's, as in `optax.adam`.
+    - `history_size`: K, true steps recorded per cycle (``>= 2``).
+    - `retrain_interval`: M, updates per cycle (``>= K``).
+    - `dt`: integration time of one surrogate step; default `learning_rate` (one
+      Adam step's worth of time).
+    - `poly_order`, `include_bias`: the polynomial library of the gradient model.
+    - `rank`: POD rank ``1 <= rank <= K``, or None to fit in full parameter space.
+      The moments always live in full space.
+    - `threshold`, `alpha`, `max_iter`, `normalize_columns`, `unbias`: STLSQ, see
+      `lgfjax.stlsq`.
+    - `solver`, `substeps`, `stepsize_controller`, `max_steps`: the diffrax solve of
+      each surrogate step (initial step ``dt / substeps``).
+    - `max_step_ratio`: trust-region factor, or None for no bound.
+    - `check_every`, `check_tolerance`: the `value_fn` acceptance test, as in
+      `lgfjax.lgf`; a rollback restores the parameters and the Adam moments.
+    - `adaptive`, `max_surrogate_steps`: as in `lgfjax.lgf`.
+    - `buffer_dtype`: storage dtype of the iterate and gradient buffers.
+    - `amsgrad`: use AMSGrad's running max of ``vhat`` (as `optax.amsgrad`).
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
+    `lgfjax.LGFState`; its ``base_state`` is an `AdamState`.
+
+    ```python
+    import jax, jax.numpy as jnp, optax
+    from lgfjax._adam import lgf_adam
+    import lgfjax
+
+    def loss(x):
+        return 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * (x - 1.0) ** 2)
+
+    opt = lgf_adam(0.05, history_size=10, retrain_interval=30)
+    params = jnp.zeros(2)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        _, grads = lgfjax.value_and_grad(loss)(params, state)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(300):
+        params, state = step(params, state)
+    assert lgfjax.gradient_evaluations(state) == 100 and loss(params) < 1e-3
+    ```
+    """
+    check_positive("learning_rate", learning_rate)
+    for name, value in (("b1", b1), ("b2", b2)):
+        if _concrete(value) and not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+    check_nonnegative("eps", eps)
+    if not isinstance(amsgrad, bool):
+        raise ValueError(f"`amsgrad` must be True or False, got {amsgrad!r}.")
+    if dt is None:
+        dt = learning_rate
+    # A linear gradient model needs at least two (iterate, gradient) pairs.
+    validate_schedule(history_size, retrain_interval, rank, 2)
+    validate_flow_options(
+        poly_order=poly_order,
+        dt=dt,
+        threshold=threshold,
+        alpha=alpha,
+        max_iter=max_iter,
+        solver=solver,
+        substeps=substeps,
+        max_steps=max_steps,
+        max_step_ratio=max_step_ratio,
+        check_every=check_every,
+        check_tolerance=check_tolerance,
+        weak_power=4,
+    )
+    max_surrogate_steps = _check_adaptive(
+        adaptive, max_surrogate_steps, retrain_interval - history_size
+    )
+    cfg = FitConfig(
+        history_size=history_size,
+        degree=poly_order,
+        include_bias=include_bias,
+        rank=rank,
+        derivative="tracked",
+        fd_order=2,
+        weak_width=None,
+        weak_power=4,
+        threshold=threshold,
+        alpha=alpha,
+        max_iter=max_iter,
+        normalize_columns=normalize_columns,
+        unbias=unbias,
+    )
+    base_init, base_update = adam_base(learning_rate, b1, b2, eps, amsgrad)
+    surrogate_fn = adam_surrogate(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        amsgrad,
+        dt,
+        solver=solver,
+        substeps=substeps,
+        stepsize_controller=stepsize_controller,
+        max_steps=16 * substeps if max_steps is None else max_steps,
+    )
+    return make_transformation(
+        base_init=base_init,
+        base_update=base_update,
+        surrogate_fn=surrogate_fn,
+        record_gradients=True,
+        cfg=cfg,
+        retrain_interval=retrain_interval,
+        dt=dt,
+        max_step_ratio=max_step_ratio,
+        check_every=check_every,
+        check_tolerance=check_tolerance,
+        adaptive=adaptive,
+        max_surrogate_steps=max_surrogate_steps,
+        buffer_dtype=buffer_dtype,
+    )
