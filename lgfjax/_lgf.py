@@ -86,15 +86,14 @@ def _fit_dtype(params):
     return jnp.result_type(np.float32, *dtypes)
 
 
-def _max_step_length(trajectory, dtype):
+def _last_step_length(trajectory, dtype):
+    # The surrogate continues from the last recorded iterate, so the last true step
+    # is the natural scale for how far one surrogate step may go.
     sq = sum(
-        jnp.sum(
-            jnp.square(jnp.diff(leaf.astype(dtype), axis=0)).reshape(leaf.shape[0] - 1, -1),
-            axis=1,
-        )
+        jnp.sum(jnp.square(leaf[-1].astype(dtype) - leaf[-2].astype(dtype)))
         for leaf in jax.tree_util.tree_leaves(trajectory)
     )
-    return jnp.sqrt(jnp.max(sq))
+    return jnp.sqrt(sq)
 
 
 def make_transformation(
@@ -274,7 +273,7 @@ def make_transformation(
             if max_step_ratio is None:
                 bound = jnp.asarray(jnp.inf, dtype)
             else:
-                bound = max_step_ratio * _max_step_length(trajectory, dtype)
+                bound = max_step_ratio * _last_step_length(trajectory, dtype)
             state = state._replace(
                 trajectory=trajectory,
                 coefficients=fit.coefficients,
@@ -400,7 +399,7 @@ def lgf(
     substeps: int = 1,
     stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
     max_steps: int | None = None,
-    max_step_ratio: float | None = 10.0,
+    max_step_ratio: float | None = 3.0,
     check_every: int | None = None,
     check_tolerance: float = 0.0,
     adaptive: bool = False,
@@ -421,6 +420,7 @@ def lgf(
     failure, a non-finite step, or a step longer than `max_step_ratio` times the
     longest recorded true step abandons the surrogate phase; that update is zero and
     the rest of the cycle takes true steps. The reason is kept in ``state.status``.
+    (The trust region is measured against the last true step, in parameter space.)
     With `check_every`, the loss is also checked through the extra argument
     `value_fn` every `check_every` surrogate steps and at the end of the phase (no
     gradient); a rise rolls back to the last accepted point.

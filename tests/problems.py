@@ -23,7 +23,7 @@ def quadratic(n: int = 2, condition: float = 4.0, dtype=jnp.float64) -> Problem:
         lambda x: 0.5 * jnp.sum(d * x**2),
         jnp.ones(n, dtype),
         jnp.zeros(n, dtype),
-        float(1.0 / condition),
+        float(0.5 / condition),
     )
 
 
@@ -38,7 +38,7 @@ def rotated_quadratic(n: int = 4, condition: float = 1e4, seed: int = 0) -> Prob
         lambda x: 0.5 * (x - c) @ h @ (x - c),
         jnp.zeros(n),
         c,
-        float(1.0 / condition),
+        float(0.5 / condition),
     )
 
 

@@ -1,0 +1,249 @@
+"""The LGF transformation: schedule, true steps, learned flow, pytrees, dtypes, jit."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lgfjax
+from lgfjax._flow import integrate
+
+from problems import pytree_quadratic, quadratic, rotated_quadratic, run
+
+
+def _counting_loss(loss, counter):
+    """Wrap `loss` so that every real execution bumps a host-side counter."""
+
+    def bump():
+        counter[0] += 1
+
+    def wrapped(x):
+        jax.debug.callback(bump)
+        return loss(x)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("K,M", [(3, 5), (5, 12), (10, 10), (8, 20)])
+@pytest.mark.parametrize("rank", [None, 2])
+def test_cycle_schedule_counts_true_evaluations(K, M, rank):
+    problem = quadratic(n=3, condition=4.0)
+    if rank is not None and rank > K:
+        pytest.skip("rank must not exceed K")
+    counter = [0]
+    loss = _counting_loss(problem.loss, counter)
+    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=K, retrain_interval=M, dt=problem.lr, rank=rank)
+    grad_fn = lgfjax.value_and_grad(loss)
+
+    @jax.jit
+    def step(params, state):
+        _, grads = grad_fn(params, state)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = problem.x0, opt.init(problem.x0)
+    steps = 3 * M + 2
+    phases = []
+    for _ in range(steps):
+        phases.append(int(lgfjax.needs_gradient(state)))
+        params, state = step(params, state)
+    jax.effects_barrier()
+    expected = 3 * K + min(2, K)
+    assert counter[0] == expected
+    assert int(lgfjax.gradient_evaluations(state)) == expected
+    assert int(state.fallbacks) == 0
+    # The schedule itself: K true steps then M - K surrogate steps, every cycle.
+    assert phases == ([1] * K + [0] * (M - K)) * 3 + [1, 1]
+
+
+@pytest.mark.parametrize("base", [optax.sgd(0.05), optax.sgd(0.02, momentum=0.9), optax.adam(0.05)])
+def test_true_steps_equal_base(base):
+    # Every true step is exactly the base's update, and the base state only advances
+    # on true steps (a shadow copy of the base, fed the same inputs, stays equal).
+    problem = rotated_quadratic(n=4, condition=10.0)
+    K, M = 6, 10
+    opt = lgfjax.lgf(base, history_size=K, retrain_interval=M, dt=0.05, max_step_ratio=None)
+    grad = jax.grad(problem.loss)
+    x, s = problem.x0, opt.init(problem.x0)
+    shadow = base.init(problem.x0)
+    true_steps = 0
+    for _ in range(3 * M):
+        g = grad(x)
+        if bool(lgfjax.needs_gradient(s)):
+            expected, shadow = base.update(g, shadow, x)
+            u, s = opt.update(g, s, x)
+            np.testing.assert_allclose(u, expected, rtol=1e-13, atol=1e-15)
+            true_steps += 1
+        else:
+            u, s = opt.update(jnp.zeros_like(g), s, x)
+        x = optax.apply_updates(x, u)
+        for a, b in zip(jax.tree_util.tree_leaves(s.base_state), jax.tree_util.tree_leaves(shadow)):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+    assert true_steps == int(lgfjax.gradient_evaluations(s)) >= 3 * K
+
+
+def test_first_cycle_identical_to_base_and_buffer_records_iterates():
+    problem = quadratic(n=3, condition=4.0)
+    K, M = 5, 9
+    base = optax.sgd(problem.lr)
+    opt = lgfjax.lgf(base, history_size=K, retrain_interval=M, dt=problem.lr)
+    x, s = problem.x0, opt.init(problem.x0)
+    xs = [x]
+    for _ in range(K + 1):
+        u, s = opt.update(jax.grad(problem.loss)(x), s, x)
+        x = optax.apply_updates(x, u)
+        xs.append(x)
+    # Rows 0..K of the buffer are the iterates x_0..x_K of plain gradient descent.
+    gd = [problem.x0]
+    for _ in range(K):
+        gd.append(gd[-1] - problem.lr * jax.grad(problem.loss)(gd[-1]))
+    np.testing.assert_allclose(s.trajectory, np.stack(gd), rtol=0, atol=1e-15)
+
+
+def _fd_rate(q, lr, fd_order):
+    """The finite-difference derivative estimate of a geometric sequence q^k, over q^k."""
+    if fd_order == 1:
+        return (q - 1) / lr
+    if fd_order == 2:
+        return (q - 1 / q) / (2 * lr)
+    return (-(q**2) + 8 * q - 8 / q + q**-2) / (12 * lr)
+
+
+@pytest.mark.parametrize("fd_order", [1, 2, 4])
+def test_learned_gradient_descent_flow_on_quadratic(fd_order):
+    # On a quadratic gradient descent is linear, x_{k+1} = (I - lr D) x_k, so every
+    # finite difference of the iterates is an exact multiple of them: the fit must
+    # return that multiple, and the surrogate must track true gradient descent.
+    problem = quadratic(n=3, condition=4.0)
+    lr, K, M = 0.5 / 4.0, 12, 40
+    opt = lgfjax.lgf(
+        optax.sgd(lr), history_size=K, retrain_interval=M, dt=lr, include_bias=False,
+        fd_order=fd_order, threshold=1e-10,
+    )
+    params, state, _ = run(opt, problem, M)
+    d = jnp.diag(jax.hessian(problem.loss)(problem.x0))
+    coef = state.coefficients
+    np.testing.assert_allclose(jnp.diag(coef), _fd_rate(1 - lr * d, lr, fd_order), rtol=1e-6)
+    assert np.max(np.abs(coef - np.diag(np.diag(coef)))) < 1e-8
+    gd = problem.x0
+    for _ in range(M):
+        gd = gd - lr * jax.grad(problem.loss)(gd)
+    rel = float(jnp.linalg.norm(params - gd) / jnp.linalg.norm(gd))
+    # A forward difference learns -D, whose exact flow decays slower than the
+    # discrete map; central differences match the map to second order.
+    tol = {1: 0.3, 2: 0.01, 4: 0.01}[fd_order]
+    assert rel < tol, rel
+    assert int(lgfjax.gradient_evaluations(state)) == K
+
+
+def test_forward_difference_recovers_discrete_map_exactly():
+    # With fd_order=1 the forward difference of GD iterates is exactly -grad, so the
+    # fitted coefficients are the Hessian to rounding.
+    problem = rotated_quadratic(n=3, condition=10.0, seed=1)
+    lr, K = problem.lr, 8
+    opt = lgfjax.lgf(optax.sgd(lr), history_size=K, retrain_interval=K + 2, dt=lr, fd_order=1, threshold=0.0, alpha=0.0)
+    _, state, _ = run(opt, problem, K + 1)
+    h = jax.hessian(problem.loss)(problem.x0)
+    c = h @ (problem.minimum)
+    # dz/dt = -H x + H c: linear part -H, bias H c (library: 1, x0, x1, x2).
+    np.testing.assert_allclose(state.coefficients[1:].T, -h, atol=1e-7)
+    np.testing.assert_allclose(state.coefficients[0], c, atol=1e-7)
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_reduced_step_equals_full_space_integration_of_projected_field(degree):
+    problem = rotated_quadratic(n=6, condition=10.0, seed=2)
+    lr, K, rank = problem.lr, 10, 3
+    opt = lgfjax.lgf(optax.sgd(lr), history_size=K, retrain_interval=K + 5, dt=lr, rank=rank, poly_order=degree)
+    x, s = problem.x0, opt.init(problem.x0)
+    for _ in range(K):
+        u, s = opt.update(jax.grad(problem.loss)(x), s, x)
+        x = optax.apply_updates(x, u)
+    u, s = opt.update(jnp.zeros_like(x), s, x)  # fit + first surrogate step
+    assert int(s.status) == 0 and int(s.accepted) == 1
+    x1 = x + u
+    basis = s.basis  # (r, n)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(rank), atol=1e-10)
+    flow = lgfjax.PolynomialFlow(s.coefficients, degree, True)
+
+    def full_field(t, y, args):
+        return basis.T @ flow(t, basis @ y)
+
+    y1, ok = integrate(
+        full_field, x, jnp.asarray(lr), solver=lgfjax.RK4(), substeps=1,
+        stepsize_controller=diffrax.ConstantStepSize(), max_steps=4,
+    )
+    assert bool(ok)
+    np.testing.assert_allclose(x1, y1, rtol=0, atol=1e-12)
+
+
+def test_no_retracing_over_cycles():
+    problem = quadratic(n=3)
+    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=4, retrain_interval=7, dt=problem.lr, rank=2)
+    traces = [0]
+    grad_fn = lgfjax.value_and_grad(problem.loss)
+
+    @jax.jit
+    def step(params, state):
+        traces[0] += 1
+        _, grads = grad_fn(params, state)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = problem.x0, opt.init(problem.x0)
+    for _ in range(30):
+        params, state = step(params, state)
+    assert traces[0] == 1
+
+
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_inside_optax_chain(position):
+    problem = quadratic(n=3)
+    lgf = lgfjax.lgf(optax.sgd(problem.lr), history_size=5, retrain_interval=10, dt=problem.lr)
+    opt = optax.chain(lgf, optax.scale(1.0)) if position == "first" else optax.chain(optax.clip_by_global_norm(1e3), lgf)
+    params, state, losses = run(opt, problem, 30)
+    assert int(lgfjax.gradient_evaluations(state)) == 15
+    assert losses[-1] < 1e-2 * problem.loss(problem.x0)
+    assert isinstance(lgfjax.diagnostics(state), lgfjax.Diagnostics)
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_pytree_params_keep_structure_and_dtypes(rank, dtype):
+    problem = pytree_quadratic(dtype)
+    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=6, retrain_interval=15, dt=problem.lr, rank=rank)
+    params, state, losses = run(opt, problem, 30)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(problem.x0)
+    for p, q in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(problem.x0)):
+        assert p.dtype == q.dtype and p.shape == q.shape
+        assert bool(jnp.all(jnp.isfinite(p)))
+    assert state.coefficients.dtype == dtype
+    assert int(state.fallbacks) == 0
+    assert losses[-1] < 1e-3 * float(problem.loss(problem.x0))
+
+
+@pytest.mark.parametrize("derivative", ["strong", "weak"])
+def test_float32_matches_float64(derivative):
+    p64 = rotated_quadratic(n=4, condition=10.0)
+    x0_32 = p64.x0.astype(jnp.float32)
+    kw = dict(history_size=10, retrain_interval=25, dt=p64.lr, derivative=derivative)
+    opt = lgfjax.lgf(optax.sgd(p64.lr), **kw)
+    x64, s64, _ = run(opt, p64, 50)
+    p32 = p64._replace(x0=x0_32, loss=lambda x: p64.loss(x.astype(jnp.float64)).astype(jnp.float32))
+    x32, s32, _ = run(opt, p32, 50)
+    assert x32.dtype == jnp.float32 and s32.coefficients.dtype == jnp.float32
+    np.testing.assert_allclose(x32, x64, rtol=0, atol=2e-3 * float(jnp.max(jnp.abs(x64 - p64.minimum))) + 1e-4)
+
+
+def test_weak_form_learns_quadratic_flow():
+    problem = quadratic(n=2, condition=3.0)
+    lr, K, M = problem.lr, 20, 60
+    opt = lgfjax.lgf(optax.sgd(lr), history_size=K, retrain_interval=M, dt=lr, derivative="weak", include_bias=False)
+    params, state, _ = run(opt, problem, M)
+    gd = problem.x0
+    for _ in range(M):
+        gd = gd - lr * jax.grad(problem.loss)(gd)
+    assert float(jnp.linalg.norm(params - gd) / jnp.linalg.norm(gd)) < 0.05
+    assert float(state.fit_residual) < 1e-2
