@@ -49,7 +49,10 @@ def test_full_step_solves_a_quadratic(problem):
     _, d = newton_direction(problem.loss)(params)
     updates, _ = opt.update(d, opt.init(params), params)
     params = optax.apply_updates(params, updates)
-    for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(problem.minimum)):
+    leaves = zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(problem.minimum), strict=True
+    )
+    for got, want in leaves:
         np.testing.assert_allclose(got, want, atol=1e-9)
 
 

@@ -1,7 +1,6 @@
 import importlib.util
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
