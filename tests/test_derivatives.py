@@ -32,7 +32,11 @@ def _rk4(f, x0, dt, num, substeps=20):
 
 # Library columns for n = 2, degree 2: 1, x0, x1, x0^2, x0 x1, x1^2.
 _A = np.array([[-0.1, 1.0], [-1.0, -0.1]])
-LINEAR = (lambda x: _A @ x, [2.0, 0.0], np.array([[0, 0], [-0.1, -1.0], [1.0, -0.1], [0, 0], [0, 0], [0, 0]]))
+LINEAR = (
+    lambda x: _A @ x,
+    [2.0, 0.0],
+    np.array([[0, 0], [-0.1, -1.0], [1.0, -0.1], [0, 0], [0, 0], [0, 0]]),
+)
 LOTKA_VOLTERRA = (
     lambda x: np.array([x[0] - 0.5 * x[0] * x[1], -0.75 * x[1] + 0.25 * x[0] * x[1]]),
     [3.0, 1.0],
@@ -41,7 +45,7 @@ LOTKA_VOLTERRA = (
 SYSTEMS = {"damped_oscillator": LINEAR, "lotka_volterra": LOTKA_VOLTERRA}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trajectory(system, dt, num):
     f, x0, _ = SYSTEMS[system]
     return jnp.asarray(_rk4(f, x0, dt, num))
@@ -188,7 +192,7 @@ def test_weak_form_under_jit():
     theta = lgfjax.polynomial_library(x, 2)
     eager = lgfjax.weak_form(x, theta, 0.05)
     jitted = jax.jit(lambda a, b, dt: lgfjax.weak_form(a, b, dt))(x, theta, 0.05)
-    for e, j in zip(eager, jitted):
+    for e, j in zip(eager, jitted, strict=True):
         np.testing.assert_allclose(j, e, rtol=1e-13, atol=1e-14)
     f32 = lgfjax.weak_form(x.astype(jnp.float32), theta.astype(jnp.float32), 0.05)
     assert all(a.dtype == jnp.float32 for a in f32)

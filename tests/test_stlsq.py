@@ -8,13 +8,12 @@ each time.
 import functools
 import warnings
 
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pysindy as ps
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import lgfjax
 from lgfjax import _stlsq
@@ -40,7 +39,7 @@ def _problems(kind, seed=None, density=0.4, noise=0.01, spread=10.0):
     return x, y
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batched_stlsq(normalize_columns, unbias, ridge):
     """vmapped, jitted stlsq over (theta, target, threshold); alpha traced iff ridge."""
 
@@ -204,33 +203,32 @@ def test_wide_problem_uses_dual_path_and_kernel_loop(monkeypatch):
 # --- JAX transformations and dtypes ----------------------------------------------
 
 
+@jax.jit
+def _maybe_fit(flag, theta, target, threshold):
+    return jax.lax.cond(
+        flag,
+        lambda a, b, t: lgfjax.stlsq(a, b, threshold=t, alpha=0.05),
+        lambda a, b, t: jnp.zeros((a.shape[1],) + b.shape[1:], a.dtype),
+        theta,
+        target,
+        threshold,
+    )
+
+
 def test_jit_vmap_equal_loop_and_cond():
     x, y = _problems("primal")
     thresholds = np.linspace(0.05, 0.6, x.shape[0])
-    batched = np.asarray(
-        _batched_stlsq(False, True, True)(x, y, jnp.asarray(thresholds), 0.05)
-    )
-    single = jax.jit(functools.partial(lgfjax.stlsq, alpha=0.05))
-    looped = np.stack([single(x[i], y[i], threshold=thresholds[i]) for i in range(len(x))])
+    batched = np.asarray(_batched_stlsq(False, True, True)(x, y, jnp.asarray(thresholds), 0.05))
+    # The loop runs each problem alone, inside jit and lax.cond.
+    looped = np.stack([_maybe_fit(True, x[i], y[i], thresholds[i]) for i in range(len(x))])
     np.testing.assert_allclose(batched, looped, rtol=0, atol=1e-12)
     # Problems in the batch stop after different numbers of iterations.
     assert len({int(np.count_nonzero(c)) for c in batched}) > 1
-
-    @jax.jit
-    def maybe_fit(flag, a, b):
-        return jax.lax.cond(
-            flag,
-            lambda a, b: lgfjax.stlsq(a, b, threshold=0.2, alpha=0.05),
-            lambda a, b: jnp.zeros((a.shape[1], b.shape[1]), a.dtype),
-            a,
-            b,
-        )
-
-    ref = _pysindy_stlsq(x[1], y[1], 0.2, 0.05, False, True)
-    np.testing.assert_allclose(maybe_fit(True, x[1], y[1]), ref, rtol=0, atol=1e-10)
-    assert not np.any(np.asarray(maybe_fit(False, x[1], y[1])))
+    ref = _pysindy_stlsq(x[1], y[1], thresholds[1], 0.05, False, True)
+    np.testing.assert_allclose(looped[1], ref, rtol=0, atol=1e-10)
+    assert not np.any(np.asarray(_maybe_fit(False, x[1], y[1], thresholds[1])))
     # The 1-D target form of the same problem.
-    one = single(x[1], y[1][:, 1], threshold=0.2)
+    one = _maybe_fit(True, x[1], y[1][:, 1], thresholds[1])
     assert one.shape == (x.shape[2],)
     np.testing.assert_allclose(one, ref[:, 1], rtol=0, atol=1e-10)
 

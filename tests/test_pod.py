@@ -1,0 +1,146 @@
+"""POD through the Gram matrix, against numpy's SVD, and the pytree helpers."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import lgfjax
+from lgfjax import _pod
+
+pod = jax.jit(lgfjax.pod, static_argnums=1)
+
+
+def _snapshots(num=12, n=40, true_rank=None, seed=0):
+    rng = np.random.default_rng(seed)
+    if true_rank is None:
+        # Full rank with a decaying spectrum, like an optimiser trajectory.
+        u, _ = np.linalg.qr(rng.normal(size=(num, num)))
+        v, _ = np.linalg.qr(rng.normal(size=(n, num)))
+        return (u * np.logspace(1, -3, num)) @ v.T
+    return rng.normal(size=(num, true_rank)) @ rng.normal(size=(true_rank, n))
+
+
+@pytest.mark.parametrize("rank", [1, 4, 12])
+def test_pod_against_numpy_svd(rank):
+    x = _snapshots()
+    basis, coords, energy = (np.asarray(a) for a in pod(jnp.asarray(x), rank))
+    assert basis.shape == (40, rank) and coords.shape == (12, rank)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    # The Gram route squares the condition number: modes lose ~eps (s_0 / s_j)^2.
+    tol = 100 * np.finfo(np.float64).eps * (s[0] / s[rank - 1]) ** 2
+    np.testing.assert_allclose(basis.T @ basis, np.eye(rank), atol=tol)
+    np.testing.assert_allclose(coords, x @ basis, atol=1e-10)
+    np.testing.assert_allclose(energy, np.sum(s[:rank] ** 2) / np.sum(s**2), rtol=1e-10)
+    # Leading left singular vectors of X^T (right of X), up to sign: same projector,
+    # and each column matches its numpy counterpart (distinct singular values).
+    np.testing.assert_allclose(basis @ basis.T, vt[:rank].T @ vt[:rank], atol=tol)
+    np.testing.assert_allclose(np.abs(np.sum(basis * vt[:rank].T, axis=0)), 1.0, atol=tol)
+    # Coordinates carry the singular values: |coords_j| = s_j.
+    np.testing.assert_allclose(np.linalg.norm(coords, axis=0), s[:rank], rtol=1e-8)
+    if rank == 12:
+        np.testing.assert_allclose(coords @ basis.T, x, atol=1e-10)
+
+
+def test_low_rank_reconstruction_is_exact():
+    x = _snapshots(true_rank=3)
+    basis, coords, energy = pod(jnp.asarray(x), 3)
+    np.testing.assert_allclose(coords @ basis.T, x, atol=1e-10 * np.abs(x).max())
+    assert abs(float(energy) - 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_rank_deficient_gives_zero_columns_not_nan(dtype):
+    x = _snapshots(true_rank=2).astype(dtype)
+    basis, coords, energy = (np.asarray(a) for a in pod(jnp.asarray(x), 5))
+    assert basis.dtype == dtype
+    assert np.all(np.isfinite(basis)) and np.all(np.isfinite(coords)) and np.isfinite(energy)
+    col_norms = np.linalg.norm(basis, axis=0)
+    np.testing.assert_allclose(col_norms[:2], 1.0, atol=1e-5)
+    np.testing.assert_array_equal(col_norms[2:], 0.0)
+    np.testing.assert_array_equal(coords[:, 2:], 0.0)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(coords @ basis.T, x, atol=tol * np.abs(x).max())
+    # All-zero snapshots: an all-zero basis, zero energy.
+    basis0, coords0, energy0 = pod(jnp.zeros((4, 6), dtype), 2)
+    assert not np.any(np.asarray(basis0)) and not np.any(np.asarray(coords0))
+    assert float(energy0) == 0.0
+
+
+@pytest.mark.parametrize("rank", [0, 13, -1])
+def test_rank_out_of_range(rank):
+    with pytest.raises(ValueError, match="rank"):
+        lgfjax.pod(jnp.ones((12, 5)), rank)
+
+
+# --- pytree helpers ----------------------------------------------------------------
+
+
+def _tree_snapshots(num=9, seed=1):
+    rng = np.random.default_rng(seed)
+    return {
+        "w": jnp.asarray(rng.normal(size=(num, 3, 4))),
+        "b": jnp.asarray(rng.normal(size=(num, 5))),
+        "s": jnp.asarray(rng.normal(size=(num,))),
+        "nested": (jnp.asarray(rng.normal(size=(num, 2, 1, 2))),),
+    }
+
+
+def _flatten_rows(tree):
+    # Row k is the ravel of snapshot k, in the same leaf order as ravel_pytree.
+    return jax.vmap(lambda one: ravel_pytree(one)[0])(tree)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _tree_pipeline(snaps, rank, work_dtype, store_dtype, index, dz):
+    """Every tree helper, as the optimiser chains them, in one compiled function."""
+    gram = _pod.tree_gram(snaps, work_dtype)
+    v, s, energy = _pod.gram_modes(gram, rank)
+    basis = _pod.tree_basis(snaps, v, s, store_dtype)
+    rows = _pod.tree_project_rows(basis, snaps, work_dtype)
+    one = jax.tree_util.tree_map(lambda a: a[index], snaps)
+    coords = _pod.tree_project(basis, one, work_dtype)
+    lifted = _pod.tree_lift(basis, dz, one)
+    roundtrip = _pod.tree_lift(basis, coords, one)
+    return gram, energy, basis, rows, coords, lifted, roundtrip
+
+
+def test_tree_helpers_agree_with_flat_versions():
+    snaps = _tree_snapshots()
+    flat = _flatten_rows(snaps)
+    rank = 4
+    dz = jnp.asarray([0.5, -1.0, 2.0, 0.25])
+    gram, energy, basis, rows, coords, lifted, _ = _tree_pipeline(
+        snaps, rank, jnp.float64, jnp.float64, 3, dz
+    )
+    flat_basis, flat_coords, flat_energy = pod(flat, rank)
+    np.testing.assert_allclose(gram, flat @ flat.T, atol=1e-12)
+    np.testing.assert_allclose(energy, flat_energy, rtol=1e-12)
+    # Basis leaves carry the mode axis first: row r of the ravel is mode r.
+    assert jax.tree_util.tree_map(jnp.shape, basis) == jax.tree_util.tree_map(
+        lambda a: (rank,) + a.shape[1:], snaps
+    )
+    np.testing.assert_allclose(_flatten_rows(basis).T, flat_basis, atol=1e-12)
+    np.testing.assert_allclose(rows, flat_coords, atol=1e-12)
+    np.testing.assert_allclose(coords, flat[3] @ flat_basis, atol=1e-12)
+    one = jax.tree_util.tree_map(lambda a: a[3], snaps)
+    assert jax.tree_util.tree_structure(lifted) == jax.tree_util.tree_structure(one)
+    np.testing.assert_allclose(ravel_pytree(lifted)[0], flat_basis @ dz, atol=1e-12)
+
+
+def test_tree_helpers_mixed_dtypes():
+    # float32 parameters with float64 POD arithmetic: basis stored in float32, the
+    # lifted update typed like the parameters.
+    snaps = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), _tree_snapshots())
+    gram, _, basis, rows, coords, _, roundtrip = _tree_pipeline(
+        snaps, 9, jnp.float64, jnp.float32, 0, jnp.zeros(9)
+    )
+    assert gram.dtype == rows.dtype == coords.dtype == jnp.float64
+    assert all(b.dtype == jnp.float32 for b in jax.tree_util.tree_leaves(basis))
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(roundtrip))
+    # Full rank: every snapshot is in the span, so projecting and lifting returns it.
+    one = jax.tree_util.tree_map(lambda a: a[0], snaps)
+    np.testing.assert_allclose(ravel_pytree(roundtrip)[0], ravel_pytree(one)[0], atol=1e-4)
