@@ -351,8 +351,14 @@ class Run(NamedTuple):
     value_evaluations: int  # value_fn calls by LGF's acceptance check (forward solves)
 
 
-def run(problem: Problem, opt, steps: int, name: str, *, learned: bool) -> Run:
-    """Run `steps` updates in one compiled scan; then evaluate each iterate's compliance."""
+def history_compliance(problem: Problem):
+    """A jitted map from iterates ``(T, nely, nelx)`` to their compliances."""
+    return jax.jit(lambda xs: jax.lax.map(functools.partial(compliance, problem), xs))
+
+
+def run(problem: Problem, opt, steps: int, name: str, *, learned: bool, evaluate=None) -> Run:
+    """Run `steps` updates in one compiled scan; then evaluate each iterate's compliance
+    with `evaluate` (from `history_compliance`, made here if None)."""
     loss = functools.partial(objective, problem)
     x0 = jnp.zeros((problem.nely, problem.nelx))
 
@@ -381,7 +387,8 @@ def run(problem: Problem, opt, steps: int, name: str, *, learned: bool) -> Run:
     seconds = time.perf_counter() - start
     if not learned:
         evals = jnp.arange(1, steps + 1)
-    values = jax.jit(lambda xs: jax.lax.map(functools.partial(compliance, problem), xs))(jnp.concatenate([x0[None], xs]))
+    evaluate = evaluate or history_compliance(problem)
+    values = evaluate(jnp.concatenate([x0[None], xs]))
     return Run(
         name,
         np.asarray(x),
@@ -402,8 +409,9 @@ def evaluations_to_reach(r: Run, target: float) -> int | None:
 def compare(problem: Problem, steps: int, settings: Settings = Settings()):
     """Run both optimisers; returns ``(base_run, lgf_run, target)`` with the 1 % target."""
     base, learned = make_optimisers(problem, settings)
-    a = run(problem, base, steps, "gradient descent", learned=False)
-    b = run(problem, learned, steps, "LGF (POD)", learned=True)
+    evaluate = history_compliance(problem)
+    a = run(problem, base, steps, "gradient descent", learned=False, evaluate=evaluate)
+    b = run(problem, learned, steps, "LGF (POD)", learned=True, evaluate=evaluate)
     return a, b, 1.01 * float(a.compliance[-1])
 
 
