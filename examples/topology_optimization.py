@@ -5,9 +5,11 @@ elements, written in JAX with no finite-element package. The design variables ``
 (one per element) give densities ``rho = sigmoid(x + eta(x))`` that pass through a
 density filter; the shift ``eta`` is found by bisection so that the filtered
 densities have mean exactly `volfrac`, which turns the constrained problem into an
-unconstrained one for a first-order optimiser. The stiffness solve is a dense
-Cholesky factorisation; gradients come from `jax.grad` (the adjoint solve reuses the
-factorisation through `lax.custom_linear_solve`).
+unconstrained one for a first-order optimiser. The stiffness solve is a Cholesky
+factorisation of the block-tridiagonal stiffness (dense 2 (nely + 1) blocks, one per
+node column; `stiffness_matrix` assembles the full dense matrix by scatter-add for
+checking). Gradients come from `jax.grad`; the adjoint solve reuses the factors
+through `lax.custom_linear_solve`. The optimisers minimise log(compliance).
 
 Both optimisers are plain gradient descent (`optax.sgd`); LGF wraps it with a
 POD-reduced learned flow, so that most of its steps skip the finite-element solve.
@@ -229,8 +231,8 @@ def _block_cholesky(diag, sub):
     def body(prev, blocks):
         d, s = blocks
         c = tri(prev, s.T, lower=True).T  # s L_prev^{-T}
-        l = jnp.linalg.cholesky(d - c @ c.T)
-        return l, (l, c)
+        factor = jnp.linalg.cholesky(d - c @ c.T)
+        return factor, (factor, c)
 
     first = jnp.linalg.cholesky(diag[0])
     _, (factors, coupling) = jax.lax.scan(body, first, (diag[1:], sub))
@@ -241,13 +243,13 @@ def _block_cho_solve(factors, coupling, rhs):
     tri = jax.scipy.linalg.solve_triangular
 
     def forward(y_prev, blocks):
-        l, c, f = blocks
-        y = tri(l, f - c @ y_prev, lower=True)
+        factor, c, f = blocks
+        y = tri(factor, f - c @ y_prev, lower=True)
         return y, y
 
     def backward(x_next, blocks):
-        l, c_next, y = blocks
-        x = tri(l, y - c_next.T @ x_next, lower=True, trans=1)
+        factor, c_next, y = blocks
+        x = tri(factor, y - c_next.T @ x_next, lower=True, trans=1)
         return x, x
 
     y0 = tri(factors[0], rhs[0], lower=True)
@@ -406,9 +408,10 @@ def evaluations_to_reach(r: Run, target: float) -> int | None:
     return None if hit.size == 0 else int(r.evaluations[hit[0]])
 
 
-def compare(problem: Problem, steps: int, settings: Settings = Settings()):
+def compare(problem: Problem, steps: int, settings: Settings | None = None):
     """Run both optimisers; returns ``(base_run, lgf_run, target)`` with the 1 % target."""
     base, learned = make_optimisers(problem, settings)
+    settings = Settings() if settings is None else settings
     evaluate = history_compliance(problem)
     a = run(problem, base, steps, "gradient descent", learned=False, evaluate=evaluate)
     b = run(problem, learned, steps, "LGF (POD)", learned=True, evaluate=evaluate)
@@ -427,7 +430,7 @@ def _plot(problem, runs, target, outdir):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.4 * len(runs) * problem.nely / 20 + 0.6))
-    for ax, r in zip(np.atleast_1d(axes), runs):
+    for ax, r in zip(np.atleast_1d(axes), runs, strict=True):
         ax.imshow(1.0 - r.density, cmap="gray", vmin=0.0, vmax=1.0, interpolation="none")
         ax.set_title(f"{r.name}: c = {r.compliance[-1]:.2f}, {r.evaluations[-1]} gradients")
         ax.axis("off")
@@ -437,7 +440,7 @@ def _plot(problem, runs, target, outdir):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     best = min(float(r.compliance.min()) for r in runs)
-    for ax, zoom in zip(axes, (False, True)):
+    for ax, zoom in zip(axes, (False, True), strict=True):
         for r in runs:
             ax.plot(r.evaluations, r.compliance, label=r.name)
         ax.axhline(target, color="k", ls=":", lw=1, label="1 % above gradient descent")
@@ -479,7 +482,10 @@ def main(argv=None):
         f"poly_order {settings.poly_order}, check_every {settings.check_every}; {steps} steps"
     )
     a, b, target = compare(problem, steps, settings)
-    header = f"{'optimiser':<18}{'gradients':>10}{'value evals':>12}{'compliance':>12}{'to 1 %':>8}{'time [s]':>10}"
+    header = (
+        f"{'optimiser':<18}{'gradients':>10}{'value evals':>12}{'compliance':>12}"
+        f"{'to 1 %':>8}{'time [s]':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in (a, b):
@@ -491,7 +497,8 @@ def main(argv=None):
     ra, rb = evaluations_to_reach(a, target), evaluations_to_reach(b, target)
     if ra and rb:
         print(f"gradients to reach {target:.4f}: LGF / gradient descent = {rb / ra:.2f}")
-    print(f"LGF final compliance / gradient descent final = {b.compliance[-1] / a.compliance[-1]:.4f}")
+    ratio = b.compliance[-1] / a.compliance[-1]
+    print(f"LGF final compliance / gradient descent final = {ratio:.4f}")
     print(
         "volume: "
         + ", ".join(f"{r.name} {r.density.mean():.6f}" for r in (a, b))
