@@ -410,8 +410,8 @@ def evaluations_to_reach(r: Run, target: float) -> int | None:
 
 def compare(problem: Problem, steps: int, settings: Settings | None = None):
     """Run both optimisers; returns ``(base_run, lgf_run, target)`` with the 1 % target."""
-    base, learned = make_optimisers(problem, settings)
     settings = Settings() if settings is None else settings
+    base, learned = make_optimisers(problem, settings)
     evaluate = history_compliance(problem)
     a = run(problem, base, steps, "gradient descent", learned=False, evaluate=evaluate)
     b = run(problem, learned, steps, "LGF (POD)", learned=True, evaluate=evaluate)
