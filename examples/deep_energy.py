@@ -24,7 +24,6 @@ import optax
 import lgfjax
 from lgfjax._adam import lgf_adam
 
-
 YOUNG, POISSON = 1.0, 0.25
 LAME = YOUNG * POISSON / ((1 + POISSON) * (1 - 2 * POISSON))
 SHEAR = YOUNG / (2 * (1 + POISSON))
@@ -36,8 +35,9 @@ LR, K, M = 2.5e-3, 35, 50
 RANK = 5
 
 
-def make_model(key=jax.random.PRNGKey(0)):
+def make_model(key=None):
     """The network NN as (params, static): params is the pytree the optimisers see."""
+    key = jax.random.PRNGKey(0) if key is None else key
     mlp = eqx.nn.MLP(3, 3, 20, 2, activation=jnp.tanh, use_final_bias=False, key=key)
     return eqx.partition(mlp, eqx.is_array)
 
@@ -130,11 +130,9 @@ def compare(steps: int = 2000, n: int = 20, rank: int | None = RANK, seed: int =
     out = {"n_weights": n_weights, "grid": n, "steps": steps, "rank": rank}
     for name, opt in optimisers.items():
         final, state, values, seconds = run(opt, loss, params, steps)
-        field = jax.vmap(lambda x: displacement(final, static, x))(points)
+        field = jax.vmap(displacement, in_axes=(None, None, 0))(final, static, points)
         evals = (
-            int(lgfjax.gradient_evaluations(state))
-            if isinstance(state, lgfjax.LGFState)
-            else steps
+            int(lgfjax.gradient_evaluations(state)) if isinstance(state, lgfjax.LGFState) else steps
         )
         out[name] = dict(
             params=final,
@@ -176,7 +174,7 @@ def table(out) -> str:
         ("true gradient evaluations", a["evaluations"], b["evaluations"]),
         ("final loss (potential energy)", f"{a['final_loss']:.6f}", f"{b['final_loss']:.6f}"),
         (f"evaluations to loss <= {out['target']:.6f}", fmt(a["to_target"]), fmt(b["to_target"])),
-        (f"evaluations to Adam's final loss", fmt(a["to_adam"]), fmt(b["to_adam"])),
+        ("evaluations to Adam's final loss", fmt(a["to_adam"]), fmt(b["to_adam"])),
         ("wall time of the run [s]", f"{a['seconds']:.2f}", f"{b['seconds']:.2f}"),
         ("surrogate steps kept / refused", "-", f"{int(d.accepted)} / {int(d.rejected)}"),
         ("fallbacks", "-", str(int(d.fallbacks))),
@@ -187,11 +185,7 @@ def table(out) -> str:
     lines.append("Adam's loss after n evaluations, and the evaluations LGF-Adam needs for it:")
     for evals, level, lgf_evals in out["milestones"]:
         lines.append(f"  n = {evals:5d}  loss {level:.6f}  LGF-Adam: {fmt(lgf_evals)}")
-    ratio = (
-        f"{b['to_target'] / a['to_target']:.3f}"
-        if a["to_target"] and b["to_target"]
-        else "n/a"
-    )
+    ratio = f"{b['to_target'] / a['to_target']:.3f}" if a["to_target"] and b["to_target"] else "n/a"
     lines.append(f"evaluation ratio LGF/Adam at the common target: {ratio}")
     lines.append(
         f"relative displacement difference ||u_LGF - u_Adam|| / ||u_Adam|| on the grid: "
@@ -208,7 +202,7 @@ def plot(out, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     lo = min(np.nanmin(out[n]["values"]) for n in ("Adam", "LGF-Adam"))
-    for ax, span in zip(axes, (0.6, 0.03)):
+    for ax, span in zip(axes, (0.6, 0.03), strict=True):
         for name in ("Adam", "LGF-Adam"):
             v = out[name]["values"]
             v = v[np.isfinite(v)]

@@ -145,9 +145,7 @@ def adam_surrogate(
             nu=_cast_like(v1, base_state.nu),
             nu_max=nu_max,
         )
-        updates = _cast_like(
-            jax.tree_util.tree_map(lambda x1, x0: x1 - x0, a1, y0[0]), params
-        )
+        updates = _cast_like(jax.tree_util.tree_map(lambda x1, x0: x1 - x0, a1, y0[0]), params)
         return updates, new_state, ok
 
     return surrogate_fn

@@ -80,7 +80,7 @@ H4, C4, ROT_LOSS = _rotated(n=4)
 LR, K8, M24 = 0.05, 8, 24
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rotated_run():
     """Default lgf_adam on the rotated quadratic: one cycle and three true steps more."""
     opt = lgf_adam(LR, history_size=K8, retrain_interval=M24)
@@ -88,7 +88,7 @@ def _rotated_run():
 
 
 def _close(a, b, rtol, atol):
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         assert x.dtype == y.dtype
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
@@ -143,7 +143,7 @@ def test_gradient_model_in_pod_coordinates():
     np.testing.assert_allclose(u @ s.coefficients[0], -h @ c, atol=1e-8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adam_ode_reference(duration):
     """K true Adam steps, then the continuous Adam ODE with the exact gradient."""
     p_k, (s_k, _) = _run_optax(optax.adam(LR), ROT_LOSS, jnp.zeros(4), K8)
@@ -247,7 +247,9 @@ def test_evaluation_count_and_skipping():
     assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(prob.x0)
 
 
-@pytest.mark.parametrize("dtype, rank", [(jnp.float32, 4), (jnp.float64, None)])
+@pytest.mark.parametrize(
+    "dtype, rank", [pytest.param(jnp.float32, 4, marks=pytest.mark.slow), (jnp.float64, None)]
+)
 def test_pytree_exact_true_phase_and_progress(dtype, rank):
     prob = pytree_quadratic(dtype)
     K, M = 12, 30
@@ -262,7 +264,9 @@ def test_pytree_exact_true_phase_and_progress(dtype, rank):
     assert not bool(lgfjax.needs_gradient(kept[K][1]))
 
     p_ref, _ = _run_optax(optax.adam(0.05), prob.loss, prob.x0, 3 * M)
-    for leaf, x0 in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(prob.x0)):
+    for leaf, x0 in zip(
+        jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(prob.x0), strict=True
+    ):
         assert leaf.dtype == x0.dtype and leaf.shape == x0.shape
     assert isinstance(s.base_state, AdamState)
     assert all(m.dtype == dtype for m in jax.tree_util.tree_leaves(s.base_state.mu))
@@ -274,6 +278,7 @@ def test_pytree_exact_true_phase_and_progress(dtype, rank):
     assert loss_lgf < 3.0 * loss_ref + 1e-3 * loss0
 
 
+@pytest.mark.slow
 def test_amsgrad_surrogate_keeps_running_max():
     opt = lgf_adam(LR, history_size=K8, retrain_interval=M24, amsgrad=True)
     p, s, kept = _run_lgf(opt, ROT_LOSS, jnp.zeros(4), M24, keep=(K8,))
@@ -288,6 +293,7 @@ def test_amsgrad_surrogate_keeps_running_max():
     assert float(ROT_LOSS(p)) < 0.5 * float(ROT_LOSS(p_k))
 
 
+@pytest.mark.slow
 def test_value_check_rollback_restores_the_moments():
     # A value_fn that always rises as the loss falls rejects the first surrogate step;
     # the rollback must restore the Adam moments, so the run equals M - 1 Adam steps.
