@@ -1,5 +1,7 @@
 """lgfjax: learned gradient flow (LGF) optimisers for JAX and optax."""
 
+from ._adam import AdamState as AdamState
+from ._adam import lgf_adam as lgf_adam
 from ._derivatives import finite_difference as finite_difference
 from ._derivatives import strong_form as strong_form
 from ._derivatives import test_functions as test_functions
@@ -13,6 +15,10 @@ from ._library import feature_names as feature_names
 from ._library import library_size as library_size
 from ._library import polynomial_exponents as polynomial_exponents
 from ._library import polynomial_library as polynomial_library
+from ._newton import NewtonState as NewtonState
+from ._newton import newton as newton
+from ._newton import newton_direction as newton_direction
+from ._newton import value_and_newton_direction as value_and_newton_direction
 from ._pod import pod as pod
 from ._state import Diagnostics as Diagnostics
 from ._state import diagnostics as diagnostics

@@ -452,6 +452,10 @@ def lgf(
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
     `lgfjax.LGFState`.
 
+    With `optax.inject_hyperparams`, list every integer and boolean argument in
+    ``static_args`` (they fix array shapes or the program); `dt`, `threshold`,
+    `alpha`, `max_step_ratio` and `check_tolerance` can be injected.
+
     ```python
     import jax, jax.numpy as jnp, optax, lgfjax
 

@@ -1,7 +1,8 @@
 import os
 
 # Tests run on the CPU; keep XLA from grabbing every core per test process.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+# Small LAPACK calls are far slower with multithreaded OpenBLAS on a busy machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 

@@ -1,0 +1,175 @@
+"""The optax compatibility suite, run over `lgf` and `lgf_adam`."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lgfjax
+from lgfjax._adam import lgf_adam
+
+from problems import quadratic, run
+
+K, M = 4, 10
+
+
+def make(kind, **kw):
+    if kind == "lgf":
+        return lgfjax.lgf(optax.sgd(0.1), history_size=K, retrain_interval=M, dt=0.1, **kw)
+    return lgf_adam(0.1, history_size=K, retrain_interval=M, **kw)
+
+
+KINDS = ["lgf", "lgf_adam"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_extra_kwargs_are_accepted_and_ignored(kind):
+    opt = make(kind)
+    params = jnp.array([1.0, -1.0])
+    state = opt.init(params)
+    u1, s1 = opt.update(params, state, params)
+    u2, s2 = opt.update(params, state, params, unrelated=3, value=jnp.ones(()), grad=params)
+    np.testing.assert_array_equal(u1, u2)
+    for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chain_and_state_lookup(kind):
+    opt = optax.chain(optax.clip_by_global_norm(10.0), make(kind))
+    problem = quadratic(n=3)
+    params, state, losses = run(opt, problem, 2 * M)
+    assert int(lgfjax.gradient_evaluations(state)) == 2 * K
+    assert losses[-1] < losses[0]
+
+
+def test_inject_hyperparams():
+    # Numeric hyperparameters can be injected; sizes stay static.
+    static = (
+        "base", "history_size", "retrain_interval", "rank", "poly_order", "include_bias",
+        "fd_order", "max_iter", "normalize_columns", "unbias", "substeps", "weak_power",
+        "adaptive",
+    )
+    opt = optax.inject_hyperparams(lgfjax.lgf, static_args=static)(
+        base=optax.sgd(0.1), history_size=K, retrain_interval=M, dt=0.1, threshold=1e-8
+    )
+    problem = quadratic(n=2)
+    grad = jax.grad(problem.loss)
+
+    def trajectory(opt, state):
+        x, xs = problem.x0, []
+        for _ in range(2 * M):
+            u, state = opt.update(grad(x), state, x)
+            x = optax.apply_updates(x, u)
+            xs.append(x)
+        return np.stack(xs)
+
+    injected = trajectory(opt, opt.init(problem.x0))
+    np.testing.assert_allclose(injected, trajectory(make("lgf"), make("lgf").init(problem.x0)), rtol=1e-12)
+    # A new threshold set in the state takes effect: it matches an optimiser built
+    # with it. (dt alone would not do: the learned flow scales as 1/dt and is then
+    # integrated over dt, so the surrogate steps are invariant to it.)
+    state = opt.init(problem.x0)
+    state = state._replace(hyperparams={**state.hyperparams, "threshold": jnp.asarray(100.0)})
+    changed = trajectory(opt, state)
+    rebuilt = lgfjax.lgf(optax.sgd(0.1), history_size=K, retrain_interval=M, dt=0.1, threshold=100.0)
+    np.testing.assert_allclose(changed, trajectory(rebuilt, rebuilt.init(problem.x0)), rtol=1e-12)
+    assert not np.allclose(changed, injected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_multisteps_wrapping(kind):
+    opt = optax.MultiSteps(make(kind), every_k_schedule=2)
+    problem = quadratic(n=3)
+    grad = jax.grad(problem.loss)
+
+    @jax.jit
+    def step(x, s):
+        u, s = opt.update(grad(x), s, x)
+        return optax.apply_updates(x, u), s
+
+    x, s = problem.x0, opt.init(problem.x0)
+    for _ in range(4 * M):
+        x, s = step(x, s)
+    inner = lgfjax.diagnostics(s.inner_opt_state)
+    assert int(inner.steps) == 2 * M and int(inner.gradient_evaluations) == 2 * K
+    assert float(problem.loss(x)) < float(problem.loss(problem.x0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+def test_dtypes_preserved(kind, dtype):
+    opt = make(kind)
+    params = {"a": jnp.ones((3,), dtype), "b": jnp.ones((2, 2), jnp.float32)}
+    state = opt.init(params)
+    step = jax.jit(opt.update)
+    for _ in range(M + 2):
+        grads = jax.tree_util.tree_map(lambda p: 0.5 * p, params)
+        updates, state = step(grads, state, params)
+        for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params)):
+            assert u.dtype == p.dtype and u.shape == p.shape
+        params = optax.apply_updates(params, updates)
+    assert all(bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))) for p in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_survives_randomly_taken_cond(kind):
+    # lax.cond demands identical structure, shapes and dtypes from both branches: an
+    # update that changed any of them would not even compile here.
+    opt = make(kind)
+    problem = quadratic(n=3)
+    grad = jax.grad(problem.loss)
+
+    @jax.jit
+    def step(x, s, key):
+        def do(operands):
+            x, s = operands
+            u, s = opt.update(grad(x), s, x)
+            return optax.apply_updates(x, u), s
+
+        return jax.lax.cond(jax.random.bernoulli(key), do, lambda o: o, (x, s))
+
+    x, s = problem.x0, opt.init(problem.x0)
+    for key in jax.random.split(jax.random.PRNGKey(0), 3 * M):
+        x, s = step(x, s, key)
+    assert bool(jnp.all(jnp.isfinite(x)))
+    assert 0 < int(s.count) < 3 * M
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_recompilation_on_later_updates(kind):
+    opt = make(kind, rank=2)
+    problem = quadratic(n=3)
+    step = jax.jit(functools.partial(opt.update))
+    x, s = problem.x0, opt.init(problem.x0)
+    for _ in range(3 * M):
+        u, s = step(jax.grad(problem.loss)(x), s, x)
+        x = optax.apply_updates(x, u)
+    assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vmap_over_independent_runs(kind):
+    # Under vmap lax.cond becomes select: every branch runs, but results are exact.
+    opt = make(kind)
+    problem = quadratic(n=2)
+    grad = jax.grad(problem.loss)
+
+    def trajectory(x0):
+        def body(carry, _):
+            x, s = carry
+            u, s = opt.update(grad(x), s, x)
+            return (optax.apply_updates(x, u), s), None
+
+        (x, s), _ = jax.lax.scan(body, (x0, opt.init(x0)), None, length=2 * M)
+        return x, s.gradient_evaluations
+
+    starts = jnp.stack([jnp.array([1.0, 2.0]), jnp.array([-0.5, 0.3]), jnp.array([3.0, -1.0])])
+    xs, evals = jax.jit(jax.vmap(trajectory))(starts)
+    for i in range(starts.shape[0]):
+        x, e = jax.jit(trajectory)(starts[i])
+        np.testing.assert_allclose(xs[i], x, rtol=1e-12, atol=1e-14)
+        assert int(evals[i]) == int(e) == 2 * K
