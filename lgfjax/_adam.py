@@ -163,6 +163,7 @@ def lgf_adam(
     poly_order: int = 1,
     include_bias: bool = True,
     rank: int | None = None,
+    center: bool = False,
     threshold: float = 1e-8,
     alpha: float = 1e-6,
     max_iter: int = 20,
@@ -208,6 +209,8 @@ def lgf_adam(
       Adam step's worth of time).
     - `poly_order`, `include_bias`: the polynomial library of the gradient model.
     - `rank`: POD rank ``1 <= rank <= K``, or None to fit in full parameter space.
+    - `center`: POD of the iterates minus the last one, see `lgfjax.lgf`; advisable
+      for float32 parameters whose iterates move little relative to their size.
       The moments always live in full space.
     - `threshold`, `alpha`, `max_iter`, `normalize_columns`, `unbias`: STLSQ, see
       `lgfjax.stlsq`.
@@ -256,7 +259,7 @@ def lgf_adam(
     if dt is None:
         dt = learning_rate
     # A linear gradient model needs at least two (iterate, gradient) pairs.
-    validate_schedule(history_size, retrain_interval, rank, 2)
+    validate_schedule(history_size, retrain_interval, rank, 2, center)
     validate_flow_options(
         poly_order=poly_order,
         dt=dt,
@@ -279,6 +282,7 @@ def lgf_adam(
         degree=poly_order,
         include_bias=include_bias,
         rank=rank,
+        center=center,
         derivative="tracked",
         fd_order=2,
         weak_width=None,

@@ -43,6 +43,7 @@ class FitConfig:
     degree: int
     include_bias: bool
     rank: int | None
+    center: bool  # POD of the iterates relative to the last one (rank only)
     derivative: str  # "strong", "weak" or "tracked"
     fd_order: int
     weak_width: int | None
@@ -80,8 +81,16 @@ def fit_flow(cfg: FitConfig, trajectory, gradients, dt, dtype) -> Fit:
         coords = _ravel_rows(trajectory, dtype)
         energy = jnp.ones((), dtype)
     else:
-        v, s, energy = gram_modes(tree_gram(trajectory, dtype), cfg.rank)
-        basis = tree_basis(trajectory, v, s, dtype)
+        snapshots = trajectory
+        if cfg.center:
+            # Differences are formed before the Gram matrix, so small moves of large
+            # parameters keep their digits (an uncentred float32 Gram matrix loses
+            # every mode below ~1e-3 of the leading one).
+            snapshots = jax.tree_util.tree_map(
+                lambda b: b.astype(dtype) - b[-1].astype(dtype), trajectory
+            )
+        v, s, energy = gram_modes(tree_gram(snapshots, dtype), cfg.rank)
+        basis = tree_basis(snapshots, v, s, dtype)
         coords = v * s
     finite_traj = jnp.all(jnp.isfinite(coords))
     coords = jnp.where(finite_traj, coords, 0.0)

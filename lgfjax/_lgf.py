@@ -63,10 +63,15 @@ class SurrogateModel(NamedTuple):
     flow: PolynomialFlow
     basis: Any  # POD basis leaves, or None for full space
     unravel: Callable  # full space only: flat vector -> pytree like params
+    origin: Any = None  # with `center`: the point the POD coordinates are relative to
 
     def project(self, tree, dtype):
         if self.basis is None:
             return ravel_pytree(tree)[0].astype(dtype)
+        if self.origin is not None:
+            tree = jax.tree_util.tree_map(
+                lambda x, o: x.astype(dtype) - o.astype(dtype), tree, self.origin
+            )
         return tree_project(self.basis, tree, dtype)
 
     def lift(self, dz, like):
@@ -217,10 +222,14 @@ def make_transformation(
             return as_updates(new_updates), state, jnp.asarray(OK, jnp.int32)
 
         def surrogate_step(state, params, code):
+            origin = None
+            if cfg.center:
+                origin = jax.tree_util.tree_map(lambda b: b[K], state.trajectory)
             model = SurrogateModel(
                 PolynomialFlow(state.coefficients, cfg.degree, cfg.include_bias),
                 state.basis,
                 unravel,
+                origin,
             )
             step, base_state, solver_ok = surrogate_fn(model, params, state.base_state, dtype)
             length = optax.tree.norm(step)
@@ -330,8 +339,10 @@ def make_transformation(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def validate_schedule(history_size, retrain_interval, rank, min_history: int):
+def validate_schedule(history_size, retrain_interval, rank, min_history: int, center=False):
     check_positive_int("history_size", history_size, min_history)
+    if not isinstance(center, bool) or (center and rank is None):
+        raise ValueError(f"`center` must be False, or True together with a `rank`, got {center!r}.")
     check_positive_int("retrain_interval", retrain_interval, history_size)
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= history_size:
@@ -386,6 +397,7 @@ def lgf(
     poly_order: int = 1,
     include_bias: bool = True,
     rank: int | None = None,
+    center: bool = False,
     derivative: str = "strong",
     fd_order: int = 2,
     weak_width: int | None = None,
@@ -434,6 +446,9 @@ def lgf(
     - `dt`: time between recorded iterates, and integration time per surrogate step.
     - `poly_order`, `include_bias`: the polynomial library.
     - `rank`: POD rank ``1 <= rank <= K``, or None to fit in full parameter space.
+    - `center`: take the POD of the iterates minus the last one (the paper's POD is
+      uncentred). Resolves small moves of large parameters in float32; the flow's
+      coordinates are then relative to that iterate, so keep `include_bias`.
     - `derivative`: ``"strong"`` (finite differences of order `fd_order` in
       {1, 2, 4}) or ``"weak"`` (test functions of `weak_width` samples, power
       `weak_power`).
@@ -482,7 +497,7 @@ def lgf(
     check_choice("derivative", derivative, ("strong", "weak"))
     check_choice("fd_order", fd_order, tuple(FD_ORDERS))
     lo, hi = FD_ORDERS[fd_order] if derivative == "strong" else (0, 0)
-    validate_schedule(history_size, retrain_interval, rank, max(3, lo + hi + 1))
+    validate_schedule(history_size, retrain_interval, rank, max(3, lo + hi + 1), center)
     validate_flow_options(
         poly_order=poly_order,
         dt=dt,
@@ -512,6 +527,7 @@ def lgf(
         degree=poly_order,
         include_bias=include_bias,
         rank=rank,
+        center=center,
         derivative=derivative,
         fd_order=fd_order,
         weak_width=weak_width,

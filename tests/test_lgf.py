@@ -247,3 +247,21 @@ def test_weak_form_learns_quadratic_flow():
         gd = gd - lr * jax.grad(problem.loss)(gd)
     assert float(jnp.linalg.norm(params - gd) / jnp.linalg.norm(gd)) < 0.05
     assert float(state.fit_residual) < 1e-2
+
+
+def test_centred_pod_resolves_small_moves_in_float32():
+    # Parameters near 100 moving by O(1): the uncentred float32 Gram matrix keeps
+    # only the leading (mean) mode, the centred one keeps the directions of motion.
+    d = jnp.array([1.0, 2.0, 3.0, 4.0], jnp.float32)
+    c = jnp.full(4, 100.0, jnp.float32)
+    problem = quadratic(n=4)._replace(
+        loss=lambda x: 0.5 * jnp.sum(d * (x - c) ** 2),
+        x0=c + jnp.array([1.0, -1.0, 0.5, 0.2], jnp.float32),
+    )
+    results = {}
+    for center in (False, True):
+        opt = lgfjax.lgf(optax.sgd(0.1), history_size=10, retrain_interval=30, dt=0.1, rank=3, center=center)
+        params, state, losses = run(opt, problem, 60)
+        results[center] = (losses[-1], int(state.active_terms))
+    assert results[True][1] == 12 and results[False][1] < 12
+    assert results[True][0] < 1e-3 * results[False][0]

@@ -39,6 +39,7 @@ BASE = dict(history_size=10, retrain_interval=20, dt=0.1)
         ({"weak_power": 0}, "weak_power", "0"),
         ({"adaptive": "yes"}, "adaptive", "'yes'"),
         ({"max_surrogate_steps": 5}, "max_surrogate_steps", "5"),
+        ({"center": True}, "center", "True"),
     ],
 )
 def test_bad_hyperparameter_raises_value_error_naming_it(overrides, name, value):
