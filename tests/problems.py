@@ -116,3 +116,83 @@ def run(opt, problem: Problem, steps: int, *, skip: bool = True, value_fn: bool 
         params, state, value = step(params, state)
         losses.append(float(value))
     return params, state, np.asarray(losses)
+
+
+def oscillatory(n: int = 2) -> Problem:
+    """A bowl with ripples: gradient descent zig-zags, so a low-order learned flow of
+    its trajectory is poor. The global minimum is at the origin."""
+    return Problem(
+        "oscillatory",
+        lambda x: jnp.sum(x**2) + 0.05 * jnp.sum(1.0 - jnp.cos(20.0 * x)),
+        jnp.full((n,), 0.8),
+        jnp.zeros(n),
+        0.02,
+    )
+
+
+def logistic_regression(seed: int = 0, samples: int = 200, features: int = 5) -> Problem:
+    """L2-regularised logistic regression on separable-ish synthetic data (strongly
+    convex; the minimiser is computed numerically by Newton's method)."""
+    rng = np.random.default_rng(seed)
+    a = jnp.asarray(rng.normal(size=(samples, features)))
+    w_true = jnp.asarray(rng.normal(size=features))
+    y = jnp.where(a @ w_true + 0.5 * jnp.asarray(rng.normal(size=samples)) > 0, 1.0, -1.0)
+
+    def loss(w):
+        return jnp.mean(jnp.logaddexp(0.0, -y * (a @ w))) + 0.05 * jnp.sum(w**2)
+
+    w = jnp.zeros(features)
+    for _ in range(30):
+        w = w - jnp.linalg.solve(jax.hessian(loss)(w), jax.grad(loss)(w))
+    return Problem("logistic_regression", loss, jnp.zeros(features), w, 1.0)
+
+
+def trace(opt, problem: Problem, steps: int, *, value_fn: bool = False):
+    """Run `steps` updates in one `lax.scan`; returns (params, state, losses,
+    gradient evaluations after each step). Losses are measured after every step for
+    reporting only; the optimiser itself evaluates `problem.loss` only through
+    `lgfjax.value_and_grad` (and `value_fn` checks), which the state counts."""
+    import optax
+
+    import lgfjax
+
+    loss = problem.loss
+    grad_fn = lgfjax.value_and_grad(loss)
+
+    def body(carry, _):
+        params, state = carry
+        _, grads = grad_fn(params, state)
+        extra = {"value_fn": loss} if value_fn else {}
+        updates, state = opt.update(grads, state, params, **extra)
+        params = optax.apply_updates(params, updates)
+        return (params, state), (loss(params), lgfjax.gradient_evaluations(state))
+
+    @jax.jit
+    def go(params):
+        return jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
+
+    (params, state), (losses, evals) = go(problem.x0)
+    return params, state, np.asarray(losses), np.asarray(evals)
+
+
+def trace_base(opt, problem: Problem, steps: int):
+    """`trace` for a plain optax optimiser: one true gradient per step."""
+    import optax
+
+    def run_all(params):
+        def step(carry, _):
+            params, state = carry
+            updates, state = opt.update(jax.grad(problem.loss)(params), state, params)
+            params = optax.apply_updates(params, updates)
+            return (params, state), problem.loss(params)
+
+        return jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+
+    (params, _), losses = jax.jit(run_all)(problem.x0)
+    return params, np.asarray(losses), np.arange(1, steps + 1)
+
+
+def evaluations_to_reach(losses, evals, target):
+    """True evaluations spent when the loss first reaches `target` (None if never)."""
+    hit = np.nonzero(np.asarray(losses) <= target)[0]
+    return None if hit.size == 0 else int(np.asarray(evals)[hit[0]])
