@@ -1,0 +1,76 @@
+"""The pure helpers of benchmarks/report.py (no example is run here)."""
+
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "report.py")
+_spec = importlib.util.spec_from_file_location("benchmark_report", _PATH)
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+
+@pytest.mark.parametrize(
+    "values, target, strict, expected",
+    [
+        ([3.0, math.nan, 1.0, 0.5], 1.0, False, 2),
+        ([3.0, math.nan, 1.0, 0.5], 1.0, True, 3),
+        ([math.nan, math.inf, 2.0], 1.0, False, None),
+        ([-7.0, -7.5, -7.6], -7.55, False, 2),  # negative losses
+    ],
+)
+def test_first_reach(values, target, strict, expected):
+    assert report.first_reach(values, target, strict) == expected
+
+
+def test_saving_ratio_and_percent():
+    ratio, saved = report.saving(733, 375)
+    assert ratio == pytest.approx(375 / 733)
+    assert saved == pytest.approx(100 * (1 - 375 / 733))
+    assert report.saving(664, 700)[1] < 0  # LGF losing shows as negative saving
+    assert report.saving(None, 10) == (None, None)
+
+
+def test_deepest_common_target():
+    candidates = (1e-4, 1e-6, 1e-8, 1e-10, 1e-12)
+    assert report.deepest_common_target([9e-21, 1.6e-20], candidates) == 1e-12
+    assert report.deepest_common_target([1.2e-7, 1.4e-7], candidates) == 1e-6
+    with pytest.raises(ValueError):
+        report.deepest_common_target([1e-3], candidates)
+
+
+@pytest.mark.parametrize(
+    "step, evals, k, m, expected",
+    [(0, 0, 25, 50, 0), (745, 375, 25, 50, 0), (113, 87, 20, 70, 47), (20, 20, 20, 70, 0)],
+)
+def test_excess_true_steps(step, evals, k, m, expected):
+    assert report.excess_true_steps(step, evals, k, m) == expected
+
+
+def test_markdown_table_and_rounding():
+    text = report.markdown_table(["a", "b|c"], [[None, 0.123456], [True, "x|y"]])
+    lines = text.splitlines()
+    assert lines[0] == "| a | b\\|c |"
+    assert lines[1] == "|---|---|"
+    assert lines[2] == "| - | 0.1235 |"
+    assert lines[3] == "| yes | x\\|y |"
+    with pytest.raises(ValueError):
+        report.markdown_table(["a"], [[1, 2]])
+    assert report.rounded(np.array([1.23456789, math.nan])) == [1.23457, None]
+
+
+def test_milestones_count_evaluations_not_steps():
+    # Base: one evaluation per step. LGF: every other step is free.
+    base = {
+        "evaluations": np.arange(5),
+        "objective": np.array([4.0, 3.0, 2.0, 1.0, 0.5]),
+        "total_evaluations": 4,
+    }
+    lgf = {"evaluations": np.array([0, 1, 1, 2, 2]), "objective": base["objective"].copy()}
+    rows = report.milestones(base, lgf, strict=False)
+    assert [r["base"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lgf"] for r in rows] == [1, 1, 2, 2]
+    assert rows[-1]["ratio"] == pytest.approx(0.5)
