@@ -514,15 +514,21 @@ def _note(r: dict, base: dict, kmm: tuple[int, int]) -> str:
     if bound > ISSUE_RATIO:
         parts.append(f"K/M = {bound:.2f} > {ISSUE_RATIO}: goal unreachable by construction")
     if r["ratio"] > ISSUE_RATIO:
-        # ratio = (LGF steps / base steps) x (LGF's true fraction of its steps)
+        # ratio = (LGF steps / base steps) x (LGF's true share of its steps)
         steps = r["steps_to_target"] / max(base["steps_to_target"], 1)
-        frac = r["evals_to_target"] / max(r["steps_to_target"], 1)
+        share = r["evals_to_target"] / max(r["steps_to_target"], 1)
         extra = excess_true_steps(r["steps_to_target"], r["evals_to_target"], *kmm)
         parts.append(
-            f"LGF took {steps:.2f}x the base's steps to the target, {frac:.2f} of them true "
-            f"evaluations ({extra} beyond the planned K per cycle, i.e. refused or "
-            "abandoned surrogate phases)"
+            f"ratio = {steps:.2f} (LGF's steps to the target / the base's) x {share:.2f} "
+            "(true share of LGF's steps)"
         )
+        if extra > 0:
+            parts.append(
+                f"{extra} true steps beyond the planned K per cycle "
+                "(refused or abandoned surrogate phases)"
+            )
+        if steps > 1.05:
+            parts.append("surrogate steps made less progress than true steps")
     fallbacks = r.get("diagnostics", {}).get("fallbacks")
     if fallbacks:
         parts.append(f"fallbacks: {fallbacks}")
@@ -601,7 +607,8 @@ def markdown(results: dict) -> str:
         )
         lines.append(
             "- earlier targets, the base's objective after a fraction of its evaluations "
-            f"(base vs LGF evaluations to reach it): {ms}."
+            f"(base vs LGF evaluations to reach it; - = not within the same number of "
+            f"steps, in which LGF spends fewer evaluations): {ms}."
         )
         base = next(r for r in ex["runs"] if r["role"] == "base")
         lines.append(

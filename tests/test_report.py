@@ -74,3 +74,35 @@ def test_milestones_count_evaluations_not_steps():
     assert [r["base"] for r in rows] == [1, 2, 3, 4]
     assert [r["lgf"] for r in rows] == [1, 1, 2, 2]
     assert rows[-1]["ratio"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "lgf, kmm, expected, absent",
+    [
+        # K/M = 0.75 caps the saving; 4 extra true steps (fallbacks).
+        (
+            dict(ratio=0.79, evals_to_target=139, steps_to_target=177),
+            (15, 20),
+            ["unreachable by construction", "4 true steps beyond"],
+            ["less progress"],
+        ),
+        # No fallbacks, but 1.54x the steps: the surrogate is the reason.
+        (
+            dict(ratio=1.08, evals_to_target=1213, steps_to_target=1723),
+            (35, 50),
+            ["does not win", "less progress"],
+            ["beyond the planned"],
+        ),
+        (
+            dict(ratio=0.51, evals_to_target=375, steps_to_target=745),
+            (25, 50),
+            ["meets the 0.6x goal"],
+            ["unreachable", "less progress"],
+        ),
+    ],
+)
+def test_note_gives_the_reason(lgf, kmm, expected, absent):
+    base = {"steps_to_target": {15: 176, 35: 1120, 25: 733}[kmm[0]]}
+    note = report._note(lgf, base, kmm)
+    assert all(e in note for e in expected), note
+    assert not any(a in note for a in absent), note
