@@ -61,7 +61,7 @@ def default_weak_width(num_points: int) -> int:
     Wide supports keep short histories (15 to 30 samples) well posed: each test
     function averages over many samples instead of differencing two or three.
     """
-    return max(3, (num_points + 1) // 2)
+    return max(4, (num_points + 1) // 2)
 
 
 @functools.lru_cache(maxsize=64)
@@ -75,9 +75,10 @@ def test_functions(
 
     **Returns:** ``(phi, dphi)``, each of shape ``(J, num_points)``.
     """
-    if not 3 <= width <= num_points:
+    # A 3-sample bump has a zero derivative at every sample: the target would vanish.
+    if not 4 <= width <= num_points:
         raise ValueError(
-            f"`weak_width` must be in [3, {num_points}] for {num_points} samples, "
+            f"`weak_width` must be in [4, {num_points}] for {num_points} samples, "
             f"got {width!r}."
         )
     s = np.arange(width, dtype=np.float64)

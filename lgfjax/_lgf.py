@@ -513,10 +513,10 @@ def lgf(
         weak_power=weak_power,
     )
     if weak_width is not None and not (
-        isinstance(weak_width, int) and 3 <= weak_width <= history_size + 1
+        isinstance(weak_width, int) and 4 <= weak_width <= history_size + 1
     ):
         raise ValueError(
-            f"`weak_width` must be None or an integer in [3, history_size + 1="
+            f"`weak_width` must be None or an integer in [4, history_size + 1="
             f"{history_size + 1}], got {weak_width!r}."
         )
     max_surrogate_steps = _check_adaptive(

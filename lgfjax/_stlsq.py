@@ -21,6 +21,20 @@ def _column_scale(theta, normalize_columns: bool):
     return jnp.where(norms > 0, norms, 1.0)
 
 
+def _lstsq(a, b):
+    """Minimum-norm least squares with `jnp.linalg.lstsq`'s cut (eps * max(M, N)).
+
+    Uses the QR-iteration SVD: the default divide-and-conquer driver is ~100x slower
+    on the numerically rank-deficient matrices that polynomial libraries produce.
+    """
+    u, s, vt = jax.lax.linalg.svd(
+        a, full_matrices=False, algorithm=jax.lax.linalg.SvdAlgorithm.QR
+    )
+    cut = jnp.finfo(a.dtype).eps * max(a.shape) * s[0]
+    inv = jnp.where(s > cut, 1.0 / jnp.where(s > cut, s, 1.0), 0.0)
+    return vt.T @ (inv * (u.T @ b))
+
+
 def _primal_solve(x, y, masks, alpha):
     """Ridge (``alpha > 0``) or min-norm least squares on each target's support.
 
@@ -31,7 +45,7 @@ def _primal_solve(x, y, masks, alpha):
         # Unregularised refit: SVD least squares on the masked columns gives the
         # minimum-norm solution, which is exactly zero on the masked-out columns.
         def one(m, yj):
-            return m * jnp.linalg.lstsq(x * m, yj)[0]
+            return m * _lstsq(x * m, yj)
 
         return jax.vmap(one, in_axes=(0, 1))(fm, y)
     gram = x.T @ x
@@ -56,21 +70,38 @@ def _dual_kernels(x, fm):
 
 def _dual_solve(x, y, masks, alpha):
     """Kernel form of `_primal_solve` for more features than rows: w = X_m^T z."""
+    if alpha is None and x.dtype == jnp.float32 and jax.config.jax_enable_x64:
+        # The kernel squares the condition number; float32 would lose every singular
+        # value below ~1e-3 of the largest. Refit in float64 when it is available.
+        w = _dual_solve(x.astype(jnp.float64), y.astype(jnp.float64), masks, None)
+        return w.astype(x.dtype)
     fm = masks.astype(x.dtype)
     kernels = _dual_kernels(x, fm)
     n_rows = x.shape[0]
     if alpha is None:
-        # Minimum-norm solution through the pseudo-inverse of each kernel.
-        def one(k, yj):
+        # Minimum-norm solution through the pseudo-inverse of each kernel. The kernel
+        # squares the condition number, so two steps of iterative refinement on the
+        # residual ``y - X_m X_m^T z`` (formed without squaring) win back the digits
+        # a float32 eigendecomposition loses; an SVD per target would cost far more.
+        def one(k, m, yj):
             lam, vec = jnp.linalg.eigh(k)
-            cut = jnp.finfo(x.dtype).eps * x.shape[1] * jnp.max(jnp.abs(lam))
+            cut = 10 * jnp.finfo(x.dtype).eps * n_rows * jnp.max(jnp.abs(lam))
             inv = jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
-            return vec @ (inv * (vec.T @ yj))
 
-    else:
+            def pinv(r):
+                return vec @ (inv * (vec.T @ r))
 
-        def one(k, yj):
-            return jnp.linalg.solve(k + alpha * jnp.eye(n_rows, dtype=x.dtype), yj)
+            xm = x * m
+            z = pinv(yj)
+            for _ in range(2):
+                z = z + pinv(yj - xm @ (xm.T @ z))
+            return z
+
+        z = jax.vmap(one, in_axes=(0, 0, 1))(kernels, fm, y)  # (d, N)
+        return fm * (z @ x)
+
+    def one(k, yj):
+        return jnp.linalg.solve(k + alpha * jnp.eye(n_rows, dtype=x.dtype), yj)
 
     z = jax.vmap(one, in_axes=(0, 1))(kernels, y)  # (d, N)
     return fm * (z @ x)

@@ -116,7 +116,7 @@ def test_test_functions_shape_and_bump():
     # dphi is the derivative of the bump polynomial (in sample units).
     poly = np.polynomial.Polynomial([0, 6, -1]) ** 4 / 9.0**4
     np.testing.assert_allclose(dphi[1, 2:9], poly.deriv()(s), atol=1e-12)
-    assert default_weak_width(20) == 10 and default_weak_width(4) == 3
+    assert default_weak_width(20) == 10 and default_weak_width(4) == 4
 
 
 def test_weak_form_integration_by_parts():
@@ -132,18 +132,15 @@ def test_weak_form_integration_by_parts():
     np.testing.assert_allclose(target, features, rtol=0, atol=3e-5 * np.abs(features).max())
 
 
-def test_BUG_weak_width_3_gives_identically_zero_target():
-    """Known failure (reported): width 3 is accepted but degenerate.
-
-    A width-3 bump has one interior sample (its peak), where its derivative is zero;
-    at the two end samples ``(s (L-1-s))^(power-1)`` vanishes. So ``dphi`` is zero on
-    the whole grid, the weak target is zero for any data, and STLSQ returns an empty
-    model. `test_functions`, `weak_form` and `lgf(weak_width=3)` all accept it, and
-    `default_weak_width` returns 3 for histories of 5 or 6 samples.
-    """
+def test_width_3_is_rejected_and_width_4_is_not_degenerate():
+    # A width-3 bump has one interior sample (its peak), where its derivative is
+    # zero, so its weak target would vanish for any data: it is refused.
     x = _trajectory("damped_oscillator", 0.05, 20)
-    target, _ = _targets(x, 0.05, "weak", width=3)
-    assert np.any(np.asarray(target) != 0), "width-3 weak target is identically zero"
+    with pytest.raises(ValueError, match="width"):
+        _targets(x, 0.05, "weak", width=3)
+    target, _ = _targets(x, 0.05, "weak", width=4)
+    assert np.any(np.asarray(target) != 0)
+    assert lgfjax._derivatives.default_weak_width(5) == 4
 
 
 # --- ODE recovery ------------------------------------------------------------------
