@@ -82,6 +82,16 @@ class SurrogateModel(NamedTuple):
         return tree_lift(self.basis, dz, like)
 
 
+def _zeros_along(leaf, rows: int, dtype):
+    """Zeros of shape ``(rows, *leaf.shape)``, sharded like `leaf` along its own axes."""
+    zeros = jnp.zeros((rows,) + jnp.shape(leaf), dtype)
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = jax.sharding.PartitionSpec(None, *sharding.spec)
+        zeros = jax.device_put(zeros, jax.sharding.NamedSharding(sharding.mesh, spec))
+    return zeros
+
+
 def _tree_where(pred, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
 
@@ -132,42 +142,41 @@ def make_transformation(
         r = n if cfg.rank is None else cfg.rank
         P = library_size(r, cfg.degree, cfg.include_bias)
 
-        def buffer(rows):
+        def buffer(rows, dtype=None):
             return jax.tree_util.tree_map(
-                lambda p: jnp.zeros((rows,) + jnp.shape(p), buffer_dtype or jnp.result_type(p)),
+                lambda p: _zeros_along(p, rows, dtype or buffer_dtype or jnp.result_type(p)),
                 params,
             )
 
-        zero_i = jnp.zeros((), jnp.int32)
+        def zero_i():
+            # One array per counter, so that the state can be donated.
+            return jnp.zeros((), jnp.int32)
+
         base_state = base_init(params)
         return LGFState(
-            count=zero_i,
-            cycle_step=zero_i,
-            phase=zero_i,
-            gradient_evaluations=zero_i,
-            value_evaluations=zero_i,
+            count=zero_i(),
+            cycle_step=zero_i(),
+            phase=zero_i(),
+            gradient_evaluations=zero_i(),
+            value_evaluations=zero_i(),
             surrogate_steps=jnp.asarray(retrain_interval - K, jnp.int32),
             base_state=base_state,
             trajectory=buffer(K + 1),
             gradients=buffer(K) if record_gradients else None,
             coefficients=jnp.zeros((P, r), dtype),
-            basis=None
-            if cfg.rank is None
-            else jax.tree_util.tree_map(
-                lambda p: jnp.zeros((r,) + jnp.shape(p), dtype), params
-            ),
+            basis=None if cfg.rank is None else buffer(r, dtype),
             step_bound=jnp.zeros((), dtype),
-            status=zero_i,
-            fallbacks=zero_i,
+            status=zero_i(),
+            fallbacks=zero_i(),
             fit_residual=jnp.zeros((), dtype),
-            active_terms=zero_i,
+            active_terms=zero_i(),
             pod_energy=jnp.zeros((), dtype),
-            accepted=zero_i,
-            rejected=zero_i,
-            since_check=zero_i,
+            accepted=zero_i(),
+            rejected=zero_i(),
+            since_check=zero_i(),
             reference_loss=jnp.zeros((), dtype),
             anchor=(
-                jax.tree_util.tree_map(jnp.asarray, params),
+                jax.tree_util.tree_map(jnp.array, params),
                 base_state,
             )
             if checking
@@ -195,28 +204,76 @@ def make_transformation(
         def as_updates(tree):
             return jax.tree_util.tree_map(lambda u, z: u.astype(z.dtype), tree, zeros)
 
+        # The (K + 1, n) buffers never pass through the switch: a branch that returns
+        # an operand unchanged makes XLA copy it, which would cost O(K n) per step.
+        # Recording is a masked in-place row write, and the fit runs in a while loop
+        # taken once or never, whose carry XLA updates in place.
+        is_true = state.phase == 0
+        is_fit = (state.phase != 0) & (cs == K)
+
+        def write(buf, leaf, row, when):
+            return buf.at[row].set(jnp.where(when, leaf.astype(buf.dtype), buf[row]))
+
+        trajectory = jax.tree_util.tree_map(
+            lambda b, p: write(b, p, jnp.minimum(cs, K), (is_true & (cs < K)) | is_fit),
+            state.trajectory,
+            params,
+        )
+        gradients = state.gradients
+        if record_gradients:
+            gradients = jax.tree_util.tree_map(
+                lambda b, g: write(b, g, jnp.minimum(cs, K - 1), is_true & (cs < K)),
+                gradients,
+                updates,
+            )
+
+        def do_fit(carry):
+            fit = fit_flow(cfg, trajectory, gradients, dt, dtype)
+            if max_step_ratio is None:
+                bound = jnp.asarray(jnp.inf, dtype)
+            else:
+                bound = max_step_ratio * _last_step_length(trajectory, dtype)
+            return (
+                jnp.asarray(True),
+                fit.coefficients.astype(dtype),
+                jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), fit.basis, carry[2]),
+                bound.astype(dtype),
+                fit.residual.astype(dtype),
+                fit.active.astype(jnp.int32),
+                fit.energy.astype(dtype),
+                fit.status.astype(jnp.int32),
+            )
+
+        carry = (
+            ~is_fit,
+            state.coefficients,
+            state.basis,
+            state.step_bound,
+            state.fit_residual,
+            state.active_terms,
+            state.pod_energy,
+            jnp.asarray(OK, jnp.int32),
+        )
+        _, coefficients, basis, bound, residual, active, energy, fit_status = (
+            jax.lax.while_loop(lambda c: ~c[0], do_fit, carry)
+        )
+        light = state._replace(
+            trajectory=None,
+            gradients=None,
+            basis=None,
+            coefficients=coefficients,
+            step_bound=bound,
+            fit_residual=residual,
+            active_terms=active,
+            pod_energy=energy,
+        )
+
         def true_branch(updates, state, params):
             new_updates, base_state = base_update(
                 updates, state.base_state, params, **extra_args
             )
-            recording = cs < K
-
-            def write(buf, leaf, row):
-                new_row = jnp.where(recording, leaf.astype(buf.dtype), buf[row])
-                return buf.at[row].set(new_row)
-
-            trajectory = jax.tree_util.tree_map(
-                lambda b, p: write(b, p, jnp.minimum(cs, K)), state.trajectory, params
-            )
-            gradients = state.gradients
-            if record_gradients:
-                gradients = jax.tree_util.tree_map(
-                    lambda b, g: write(b, g, jnp.minimum(cs, K - 1)), gradients, updates
-                )
             state = state._replace(
                 base_state=base_state,
-                trajectory=trajectory,
-                gradients=gradients,
                 gradient_evaluations=state.gradient_evaluations + 1,
             )
             return as_updates(new_updates), state, jnp.asarray(OK, jnp.int32)
@@ -224,10 +281,10 @@ def make_transformation(
         def surrogate_step(state, params, code):
             origin = None
             if cfg.center:
-                origin = jax.tree_util.tree_map(lambda b: b[K], state.trajectory)
+                origin = jax.tree_util.tree_map(lambda b: b[K], trajectory)
             model = SurrogateModel(
                 PolynomialFlow(state.coefficients, cfg.degree, cfg.include_bias),
-                state.basis,
+                basis,
                 unravel,
                 origin,
             )
@@ -275,45 +332,29 @@ def make_transformation(
             return as_updates(step), state, code
 
         def fit_branch(updates, state, params):
-            trajectory = jax.tree_util.tree_map(
-                lambda b, p: b.at[K].set(p.astype(b.dtype)), state.trajectory, params
-            )
-            fit = fit_flow(cfg, trajectory, state.gradients, dt, dtype)
-            if max_step_ratio is None:
-                bound = jnp.asarray(jnp.inf, dtype)
-            else:
-                bound = max_step_ratio * _last_step_length(trajectory, dtype)
-            state = state._replace(
-                trajectory=trajectory,
-                coefficients=fit.coefficients,
-                basis=fit.basis,
-                step_bound=bound.astype(dtype),
-                fit_residual=fit.residual.astype(dtype),
-                active_terms=fit.active,
-                pod_energy=fit.energy,
-            )
             if checking:
                 ref = jax.lax.cond(
-                    fit.status == OK,
+                    fit_status == OK,
                     lambda p: jnp.asarray(value_fn(p), dtype),
                     lambda p: jnp.asarray(jnp.inf, dtype),
                     params,
                 )
                 state = state._replace(
-                    value_evaluations=state.value_evaluations + (fit.status == OK),
+                    value_evaluations=state.value_evaluations + (fit_status == OK),
                     reference_loss=ref,
                     anchor=(params, state.base_state),
                     since_check=jnp.zeros((), jnp.int32),
                 )
-            return surrogate_step(state, params, fit.status)
+            return surrogate_step(state, params, fit_status)
 
         def surrogate_branch(updates, state, params):
             return surrogate_step(state, params, jnp.asarray(OK, jnp.int32))
 
         branch = jnp.where(state.phase == 0, 0, jnp.where(cs == K, 1, 2))
         new_updates, new_state, code = jax.lax.switch(
-            branch, (true_branch, fit_branch, surrogate_branch), updates, state, params
+            branch, (true_branch, fit_branch, surrogate_branch), updates, light, params
         )
+        new_state = new_state._replace(trajectory=trajectory, gradients=gradients, basis=basis)
 
         failed = code != OK
         fell_back = failed | ((state.phase == 0) & (cs >= K))

@@ -5,12 +5,10 @@ Run as a script (``python tests/_sharded_run.py``) by ``tests/test_sharding.py``
 imported, which the test process already did. Prints one JSON object on the last
 line of stdout with what the test checks.
 
-The trajectory buffer and POD basis that ``opt.init`` makes are not sharded like the
-parameters (``init`` creates them with ``jnp.zeros``, which knows nothing of the
-parameters' sharding), so `shard_state_like` places them explicitly: leaves of shape
-``(rows, *shape)`` get the parameter's `PartitionSpec` with a leading ``None``. The
-JSON records the shardings ``init`` produced, so the test can tell when ``init`` itself
-starts doing this.
+``opt.init`` places the trajectory buffer and POD basis like the parameters: leaves
+of shape ``(rows, *shape)`` get the parameter's `PartitionSpec` with a leading
+``None``. The JSON records the shardings ``init`` produced, and the run uses that
+state as it is.
 """
 
 import os
@@ -38,24 +36,6 @@ import lgfjax  # noqa: E402
 # coefficients 15 x 4, coordinates) has dimensions below 32.
 SHARDED_DIMS = (128, 256)
 STEPS = 48  # two full cycles and part of a third
-
-
-def shard_state_like(state, params, shardings):
-    """Place every ``(rows, *shape)`` buffer of an `LGFState` like its parameter."""
-
-    def rows_like(buf, s):
-        return jax.device_put(buf, NamedSharding(s.mesh, P(None, *s.spec)))
-
-    def place(tree):
-        if tree is None:
-            return None
-        return jax.tree_util.tree_map(rows_like, tree, shardings)
-
-    return state._replace(
-        trajectory=place(state.trajectory),
-        basis=place(state.basis),
-        gradients=place(state.gradients),
-    )
 
 
 def problem():
@@ -121,7 +101,8 @@ def main():
     params = jax.device_put(params0, shardings)
     raw_state = opt.init(params)
     init_specs = {k: spec(v) for k, v in raw_state.trajectory.items()}
-    state = shard_state_like(raw_state, params, shardings)
+    # init follows the parameters' sharding itself; no manual placement.
+    state = raw_state
     in_specs = {
         "params": {k: spec(v) for k, v in params.items()},
         "trajectory": {k: spec(v) for k, v in state.trajectory.items()},

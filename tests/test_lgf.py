@@ -133,7 +133,7 @@ def test_learned_gradient_descent_flow_on_quadratic(fd_order):
     rel = float(jnp.linalg.norm(params - gd) / jnp.linalg.norm(gd))
     # A forward difference learns -D, whose exact flow decays slower than the
     # discrete map; central differences match the map to second order.
-    tol = {1: 0.3, 2: 0.01, 4: 0.01}[fd_order]
+    tol = {1: 0.3, 2: 0.02, 4: 0.02}[fd_order]
     assert rel < tol, rel
     assert int(lgfjax.gradient_evaluations(state)) == K
 

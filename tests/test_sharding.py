@@ -69,7 +69,7 @@ def test_matches_single_device(result):
     assert result["gradient_evaluations"] < 48
 
 
-def test_init_does_not_shard_buffers(result):
-    # Documents the current behaviour of ``init`` (see the module docstring); when
-    # init learns to follow the parameters' sharding, this flips and should go.
-    assert set(result["init_trajectory_specs"].values()) == {"SingleDeviceSharding"}
+def test_init_shards_buffers_like_params(result):
+    # Buffers of shape (rows, *shape) carry the parameter's spec with a leading None.
+    assert result["init_trajectory_specs"] == result["in_specs"]["trajectory"]
+    assert "SingleDeviceSharding" not in set(result["init_trajectory_specs"].values())
