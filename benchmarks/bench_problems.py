@@ -62,20 +62,37 @@ def run_case(problem, steps, K, M, rank):
     _, base_losses, base_evals = trace_base(base, problem, steps)
     target = float(base_losses[-1]) * (1 + 1e-9) + 1e-300
     base_hit = evaluations_to_reach(base_losses, base_evals, target)
-    rows = [dict(problem=problem.name, variant="gradient descent", evals=steps, to_target=base_hit,
-                 value_evals=0, fallbacks=0, final=float(base_losses[-1]))]
+    rows = [
+        dict(
+            problem=problem.name,
+            variant="gradient descent",
+            evals=steps,
+            to_target=base_hit,
+            value_evals=0,
+            fallbacks=0,
+            final=float(base_losses[-1]),
+        )
+    ]
     for name, extra in VARIANTS.items():
-        opt = lgfjax.lgf(base, history_size=K, retrain_interval=M, dt=problem.lr, rank=rank, **extra)
+        opt = lgfjax.lgf(
+            base, history_size=K, retrain_interval=M, dt=problem.lr, rank=rank, **extra
+        )
         t0 = time.perf_counter()
         _, state, losses, evals = trace(opt, problem, 3 * steps, value_fn="check_every" in extra)
         elapsed = time.perf_counter() - t0
         d = lgfjax.diagnostics(state)
-        rows.append(dict(
-            problem=problem.name, variant=f"LGF {name}", evals=int(d.gradient_evaluations),
-            to_target=evaluations_to_reach(losses, evals, target),
-            value_evals=int(d.value_evaluations), fallbacks=int(d.fallbacks),
-            final=float(losses[-1]), seconds=elapsed,
-        ))
+        rows.append(
+            dict(
+                problem=problem.name,
+                variant=f"LGF {name}",
+                evals=int(d.gradient_evaluations),
+                to_target=evaluations_to_reach(losses, evals, target),
+                value_evals=int(d.value_evaluations),
+                fallbacks=int(d.fallbacks),
+                final=float(losses[-1]),
+                seconds=elapsed,
+            )
+        )
     return target, rows
 
 
@@ -95,20 +112,22 @@ def main():
             hit = r["to_target"]
             ratio = "never" if hit is None else f"{hit / base_hit:.2f}"
             lines.append(
-                f"| {r['problem']} | {r['variant']} | {hit if hit is not None else 'never'} | {ratio} "
+                f"| {r['problem']} | {r['variant']} "
+                f"| {hit if hit is not None else 'never'} | {ratio} "
                 f"| {r['evals']} | {r['value_evals']} | {r['fallbacks']} | {r['final']:.3e} |"
             )
-        print("\n".join(lines[-len(rows):]), flush=True)
+        print("\n".join(lines[-len(rows) :]), flush=True)
     table = "\n".join(lines)
     print()
     print(table)
     if args.markdown:
         args.markdown.write_text(
             "Gradient descent runs N steps; its final loss is the target. LGF runs up to 3N "
-            "steps. Ratio = true gradients to reach the target / gradient descent's (lower is better; "
-            "'never' = not reached in 3N steps). Loss evals are `value_fn` calls (no "
+            "steps. Ratio = true gradients to reach the target / gradient descent's "
+            "(lower is better; 'never' = not reached in 3N steps). Loss evals are `value_fn` calls (no "
             "gradient). Columns 'gradients' and 'fallbacks' are for the whole 3N-step run.\n\n"
-            + table + "\n"
+            + table
+            + "\n"
         )
 
 

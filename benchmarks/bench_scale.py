@@ -166,9 +166,7 @@ def scale_worker(n: int, repeats: int, buffer_dtype: str | None):
     # The same surrogate step without donation, to show what a buffer copy costs.
     nodonate = jax.jit(lambda g, s, p: opt.update(g, s, p))
     jax.block_until_ready(nodonate(zeros, final, p))
-    nodonate_time = _median_time(
-        lambda: jax.block_until_ready(nodonate(zeros, final, p)), repeats
-    )
+    nodonate_time = _median_time(lambda: jax.block_until_ready(nodonate(zeros, final, p)), repeats)
 
     return {
         "n": n,
@@ -232,8 +230,14 @@ def overhead_worker(n: int, repeats: int):
 
     base = timings(optax.sgd(lr), use_lgf=False)
     rec = timings(
-        _lgf_factory()(optax.sgd(lr), history_size=K, retrain_interval=2 * K, dt=lr, rank=RANK,
-                   poly_order=DEGREE),
+        _lgf_factory()(
+            optax.sgd(lr),
+            history_size=K,
+            retrain_interval=2 * K,
+            dt=lr,
+            rank=RANK,
+            poly_order=DEGREE,
+        ),
         use_lgf=True,
     )
     return {
@@ -293,8 +297,14 @@ def compile_worker():
         _lgf_factory()(optax.sgd(0.1), history_size=K, retrain_interval=2 * K, dt=0.1)
     )
     out["lgf_rank8_deg2_s"] = compile_seconds(
-        _lgf_factory()(optax.sgd(0.1), history_size=K, retrain_interval=2 * K, dt=0.1,
-                   rank=RANK, poly_order=DEGREE)
+        _lgf_factory()(
+            optax.sgd(0.1),
+            history_size=K,
+            retrain_interval=2 * K,
+            dt=0.1,
+            rank=RANK,
+            poly_order=DEGREE,
+        )
     )
     try:
         from lgfjax._adam import lgf_adam
@@ -302,9 +312,7 @@ def compile_worker():
         out["lgf_adam_s"] = None
         out["lgf_adam_missing"] = str(e)
     else:
-        out["lgf_adam_s"] = compile_seconds(
-            lgf_adam(1e-2, history_size=K, retrain_interval=2 * K)
-        )
+        out["lgf_adam_s"] = compile_seconds(lgf_adam(1e-2, history_size=K, retrain_interval=2 * K))
     return out
 
 
@@ -341,7 +349,9 @@ def main():
     parser.add_argument("--worker", nargs="+")
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e5, 1e6, 1e7])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--bf16", action="store_true", help="also run the largest n with a bfloat16 buffer")
+    parser.add_argument(
+        "--bf16", action="store_true", help="also run the largest n with a bfloat16 buffer"
+    )
     args = parser.parse_args()
 
     if args.worker:
@@ -392,15 +402,27 @@ def main():
     print()
     if o:
         print(f"recording overhead at n={n_over:.0e} (true steps, median):")
-        print(f"  update only : sgd {1e3 * o['sgd_update_s']:.3f} ms, lgf {1e3 * o['lgf_true_update_s']:.3f} ms, "
-              f"ratio {o['lgf_true_update_s'] / o['sgd_update_s']:.2f}")
-        print(f"  whole step  : sgd {1e3 * o['sgd_full_s']:.3f} ms, lgf {1e3 * o['lgf_true_full_s']:.3f} ms, "
-              f"ratio {o['lgf_true_full_s'] / o['sgd_full_s']:.2f}")
+        print(
+            f"  update only : sgd {1e3 * o['sgd_update_s']:.3f} ms, "
+            f"lgf {1e3 * o['lgf_true_update_s']:.3f} ms, "
+            f"ratio {o['lgf_true_update_s'] / o['sgd_update_s']:.2f}"
+        )
+        print(
+            f"  whole step  : sgd {1e3 * o['sgd_full_s']:.3f} ms, "
+            f"lgf {1e3 * o['lgf_true_full_s']:.3f} ms, "
+            f"ratio {o['lgf_true_full_s'] / o['sgd_full_s']:.2f}"
+        )
     if c:
-        adam = "skipped (" + c.get("lgf_adam_missing", "") + ")" if c["lgf_adam_s"] is None else f"{c['lgf_adam_s']:.2f} s"
-        print(f"compile time of a training step (MLP, n={c['n']}): sgd {c['sgd_s']:.2f} s, "
-              f"lgf default {c['lgf_default_s']:.2f} s, lgf rank 8 degree 2 "
-              f"{c['lgf_rank8_deg2_s']:.2f} s, lgf_adam {adam}")
+        adam = (
+            "skipped (" + c.get("lgf_adam_missing", "") + ")"
+            if c["lgf_adam_s"] is None
+            else f"{c['lgf_adam_s']:.2f} s"
+        )
+        print(
+            f"compile time of a training step (MLP, n={c['n']}): sgd {c['sgd_s']:.2f} s, "
+            f"lgf default {c['lgf_default_s']:.2f} s, lgf rank 8 degree 2 "
+            f"{c['lgf_rank8_deg2_s']:.2f} s, lgf_adam {adam}"
+        )
 
     print("\ntargets:")
     mid = results.get((1_000_000, "none"))
@@ -410,14 +432,20 @@ def main():
         print(f"  fit <= 1 s at n=1e6: {mid['fit_s']:.3f} s -> {_verdict(mid['fit_s'] <= 1)}")
     if o:
         ratio = o["lgf_true_full_s"] / o["sgd_full_s"]
-        print(f"  recording overhead <= 1.5x (whole step): {ratio:.2f}x -> {_verdict(ratio <= 1.5)}")
+        print(
+            f"  recording overhead <= 1.5x (whole step): {ratio:.2f}x -> {_verdict(ratio <= 1.5)}"
+        )
     if c:
-        print(f"  compile <= 10 s (default lgf): {c['lgf_default_s']:.2f} s -> "
-              f"{_verdict(c['lgf_default_s'] <= 10)}")
+        print(
+            f"  compile <= 10 s (default lgf): {c['lgf_default_s']:.2f} s -> "
+            f"{_verdict(c['lgf_default_s'] <= 10)}"
+        )
     big = results.get((10_000_000, "none"))
     if big:
-        print(f"  n=1e7 full cycle ran, peak RSS {big['peak_rss_mib'] / 1024:.2f} GiB "
-              f"(buffer alone {(K + 1) * 1e7 * 4 / 2**30:.2f} GiB)")
+        print(
+            f"  n=1e7 full cycle ran, peak RSS {big['peak_rss_mib'] / 1024:.2f} GiB "
+            f"(buffer alone {(K + 1) * 1e7 * 4 / 2**30:.2f} GiB)"
+        )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,14 @@ def run(steps: int, *, show: bool = True):
     problem = mlp_regression()
     loss = problem.loss
     opt = lgfjax.lgf(
-        optax.sgd(problem.lr), history_size=20, retrain_interval=60, dt=problem.lr,
-        rank=6, center=True, check_every=10, adaptive=True,
+        optax.sgd(problem.lr),
+        history_size=20,
+        retrain_interval=60,
+        dt=problem.lr,
+        rank=6,
+        center=True,
+        check_every=10,
+        adaptive=True,
     )
     grad_fn = lgfjax.value_and_grad(loss)
 
@@ -84,8 +90,12 @@ def run(steps: int, *, show: bool = True):
         gd_losses.append(float(value))
     gd_time = time.perf_counter() - t0
     return dict(
-        losses=np.asarray(losses), evals=np.asarray(evals), gd_losses=np.asarray(gd_losses),
-        diagnostics=lgfjax.diagnostics(state), lgf_time=lgf_time, gd_time=gd_time,
+        losses=np.asarray(losses),
+        evals=np.asarray(evals),
+        gd_losses=np.asarray(gd_losses),
+        diagnostics=lgfjax.diagnostics(state),
+        lgf_time=lgf_time,
+        gd_time=gd_time,
     )
 
 
@@ -103,16 +113,25 @@ def main():
         {
             "GD": [args.steps, 0, target, args.steps, "-", "-", "-", out["gd_time"]],
             "LGF": [
-                int(d.gradient_evaluations), int(d.value_evaluations), float(out["losses"][-1]),
+                int(d.gradient_evaluations),
+                int(d.value_evaluations),
+                float(out["losses"][-1]),
                 None if lgf_hit is None else int(out["evals"][lgf_hit]),
-                f"{int(d.accepted)}/{int(d.rejected)}", int(d.fallbacks),
-                int(d.surrogate_steps), out["lgf_time"],
+                f"{int(d.accepted)}/{int(d.rejected)}",
+                int(d.fallbacks),
+                int(d.surrogate_steps),
+                out["lgf_time"],
             ],
         },
         [
-            "true gradients", "loss evaluations (checks)", "final loss",
-            "gradients to GD's final loss", "surrogate steps accepted/rejected",
-            "fallbacks", "final surrogate phase length", "wall time incl. compile [s]",
+            "true gradients",
+            "loss evaluations (checks)",
+            "final loss",
+            "gradients to GD's final loss",
+            "surrogate steps accepted/rejected",
+            "fallbacks",
+            "final surrogate phase length",
+            "wall time incl. compile [s]",
         ],
         title=f"\nMLP regression, {args.steps} steps",
     )
@@ -120,8 +139,12 @@ def main():
         fig, (ax,) = new_figure(1, width=6.0)
         plot_convergence(
             ax,
-            {"gradient descent": (np.arange(1, len(gd) + 1), gd), "LGF": (out["evals"], out["losses"])},
-            xlabel="true gradient evaluations", ylabel="loss",
+            {
+                "gradient descent": (np.arange(1, len(gd) + 1), gd),
+                "LGF": (out["evals"], out["losses"]),
+            },
+            xlabel="true gradient evaluations",
+            ylabel="loss",
         )
         print("saved", save_figure(fig, "long_run_diagnostics.png", args.outdir))
 

@@ -66,7 +66,7 @@ def setup():
     specs = {"w1": P(None, "x"), "b1": P("x"), "w2": P("x", None), "b2": P(), "w3": P()}
     shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
     xs = jnp.linspace(-1.0, 1.0, 128)[:, None]
-    ys = jnp.sin(3.0 * xs) * jnp.exp(-xs**2)
+    ys = jnp.sin(3.0 * xs) * jnp.exp(-(xs**2))
 
     def loss(p):
         h = jnp.tanh(xs @ p["w1"] + p["b1"])
@@ -97,9 +97,7 @@ def train(opt, params, shardings, loss, steps, lgf):
         params, state, value = step(params, state)
         losses.append(float(value))
         evals.append(int(lgfjax.gradient_evaluations(state)) if lgf else i + 1)
-    kept = all(
-        params[k].sharding.is_equivalent_to(shardings[k], params[k].ndim) for k in params
-    )
+    kept = all(params[k].sharding.is_equivalent_to(shardings[k], params[k].ndim) for k in params)
     return np.asarray(losses), np.asarray(evals), kept, state
 
 
@@ -119,8 +117,9 @@ def main():
             True,
         ),
         "LGF r=8 deg 2 (K=20, M=40)": (
-            lgfjax.lgf(optax.sgd(LR), history_size=20, retrain_interval=40, dt=LR, rank=8,
-                       poly_order=2),
+            lgfjax.lgf(
+                optax.sgd(LR), history_size=20, retrain_interval=40, dt=LR, rank=8, poly_order=2
+            ),
             True,
         ),
     }
@@ -142,8 +141,13 @@ def main():
         ]
     print_table(
         columns,
-        ["true gradients", "final loss", "SGD gradients to that loss", "fallbacks",
-         "sharding kept"],
+        [
+            "true gradients",
+            "final loss",
+            "SGD gradients to that loss",
+            "fallbacks",
+            "sharding kept",
+        ],
         title=f"{args.steps} steps, learning rate {LR}",
     )
     if not args.no_plot:

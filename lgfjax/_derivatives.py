@@ -21,9 +21,7 @@ def min_points(fd_order: int) -> int:
     return lo + hi + 2
 
 
-def finite_difference(
-    x: Float[Array, "K n"], dt, order: int = 2
-) -> Float[Array, "K_valid n"]:
+def finite_difference(x: Float[Array, "K n"], dt, order: int = 2) -> Float[Array, "K_valid n"]:
     """Time derivative of a uniformly sampled trajectory by finite differences.
 
     **Arguments:**
@@ -78,8 +76,7 @@ def test_functions(
     # A 3-sample bump has a zero derivative at every sample: the target would vanish.
     if not 4 <= width <= num_points:
         raise ValueError(
-            f"`weak_width` must be in [4, {num_points}] for {num_points} samples, "
-            f"got {width!r}."
+            f"`weak_width` must be in [4, {num_points}] for {num_points} samples, got {width!r}."
         )
     s = np.arange(width, dtype=np.float64)
     half = (width - 1) / 2.0

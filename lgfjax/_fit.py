@@ -1,12 +1,12 @@
 """Fitting the learned flow to the recorded trajectory: POD, library, targets, STLSQ."""
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int
-from typing import NamedTuple
 
 from ._derivatives import strong_form, weak_form
 from ._library import polynomial_library

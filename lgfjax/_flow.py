@@ -88,4 +88,3 @@ def integrate(
     )
     y1 = jax.tree_util.tree_map(lambda y: y[0], sol.ys)
     return y1, sol.result == diffrax.RESULTS.successful
-

@@ -12,8 +12,15 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._derivatives import FD_ORDERS
-from ._fit import OK, FitConfig, NONFINITE_STEP, SOLVER_FAILED, STEP_TOO_LARGE
-from ._fit import VALUE_REJECTED, fit_flow
+from ._fit import (
+    NONFINITE_STEP,
+    OK,
+    SOLVER_FAILED,
+    STEP_TOO_LARGE,
+    VALUE_REJECTED,
+    FitConfig,
+    fit_flow,
+)
 from ._flow import RK4, PolynomialFlow, integrate
 from ._library import library_size
 from ._pod import tree_lift, tree_project
@@ -76,9 +83,7 @@ class SurrogateModel(NamedTuple):
 
     def lift(self, dz, like):
         if self.basis is None:
-            return jax.tree_util.tree_map(
-                lambda u, p: u.astype(p.dtype), self.unravel(dz), like
-            )
+            return jax.tree_util.tree_map(lambda u, p: u.astype(p.dtype), self.unravel(dz), like)
         return tree_lift(self.basis, dz, like)
 
 
@@ -254,8 +259,8 @@ def make_transformation(
             state.pod_energy,
             jnp.asarray(OK, jnp.int32),
         )
-        _, coefficients, basis, bound, residual, active, energy, fit_status = (
-            jax.lax.while_loop(lambda c: ~c[0], do_fit, carry)
+        _, coefficients, basis, bound, residual, active, energy, fit_status = jax.lax.while_loop(
+            lambda c: ~c[0], do_fit, carry
         )
         light = state._replace(
             trajectory=None,
@@ -269,9 +274,7 @@ def make_transformation(
         )
 
         def true_branch(updates, state, params):
-            new_updates, base_state = base_update(
-                updates, state.base_state, params, **extra_args
-            )
+            new_updates, base_state = base_update(updates, state.base_state, params, **extra_args)
             state = state._replace(
                 base_state=base_state,
                 gradient_evaluations=state.gradient_evaluations + 1,
@@ -297,11 +300,15 @@ def make_transformation(
             step = _tree_where(ok, step, zeros)
             base_state = _tree_where(ok, base_state, state.base_state)
             if not checking:
-                return as_updates(step), state._replace(
-                    base_state=base_state,
-                    accepted=state.accepted + ok,
-                    rejected=state.rejected + ~ok,
-                ), code
+                return (
+                    as_updates(step),
+                    state._replace(
+                        base_state=base_state,
+                        accepted=state.accepted + ok,
+                        rejected=state.rejected + ~ok,
+                    ),
+                    code,
+                )
 
             since = state.since_check + 1
             do_check = ok & ((since >= check_every) | last_of_cycle)

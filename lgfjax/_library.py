@@ -45,9 +45,7 @@ def feature_names(n: int, degree: int, include_bias: bool = True, names=None) ->
     names = [f"x{i}" for i in range(n)] if names is None else list(names)
     out = []
     for row in polynomial_exponents(n, degree, include_bias):
-        parts = [
-            names[i] if e == 1 else f"{names[i]}^{e}" for i, e in enumerate(row) if e
-        ]
+        parts = [names[i] if e == 1 else f"{names[i]}^{e}" for i, e in enumerate(row) if e]
         out.append(" ".join(parts) if parts else "1")
     return out
 

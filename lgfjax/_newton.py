@@ -62,9 +62,7 @@ def newton(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformatio
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        updates = jax.tree_util.tree_map(
-            lambda d: (-lr * d).astype(jnp.result_type(d)), updates
-        )
+        updates = jax.tree_util.tree_map(lambda d: (-lr * d).astype(jnp.result_type(d)), updates)
         return updates, NewtonState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -108,8 +106,7 @@ def newton_direction(
     solver = lx.LU() if solver is None else solver
     if not isinstance(solver, lx.AbstractLinearSolver):
         raise ValueError(
-            f"`solver` must be a lineax.AbstractLinearSolver such as lineax.LU(), "
-            f"got {solver!r}."
+            f"`solver` must be a lineax.AbstractLinearSolver such as lineax.LU(), got {solver!r}."
         )
 
     def direction_fn(params, *args, **kwargs):
@@ -174,12 +171,9 @@ def value_and_newton_direction(
             p, a, k = operands
             value_shape, direction_shape = jax.eval_shape(direction_fn, p, *a, **k)
             value = _placeholder(value_shape, jnp.nan)
-            direction = jax.tree_util.tree_map(
-                lambda s: _placeholder(s, 0.0), direction_shape
-            )
+            direction = jax.tree_util.tree_map(lambda s: _placeholder(s, 0.0), direction_shape)
             return value, direction
 
         return jax.lax.cond(needs_gradient(state), evaluate, skip, (params, args, kwargs))
 
     return wrapped
-

@@ -106,9 +106,7 @@ def tree_project_rows(basis, snapshots, dtype) -> Float[Array, "K r"]:
     """Modal coordinates of every snapshot: ``X U``."""
     parts = [
         _flat2(leaf).astype(dtype) @ _flat2(b).astype(dtype).T
-        for b, leaf in zip(
-            jax.tree_util.tree_leaves(basis), jax.tree_util.tree_leaves(snapshots)
-        )
+        for b, leaf in zip(jax.tree_util.tree_leaves(basis), jax.tree_util.tree_leaves(snapshots))
     ]
     return sum(parts[1:], parts[0])
 

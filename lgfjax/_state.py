@@ -17,15 +17,12 @@ def find_state(state) -> LGFState:
         return state
     found = [
         leaf
-        for leaf in jax.tree_util.tree_leaves(
-            state, is_leaf=lambda x: isinstance(x, LGFState)
-        )
+        for leaf in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, LGFState))
         if isinstance(leaf, LGFState)
     ]
     if len(found) != 1:
         raise ValueError(
-            f"expected exactly one lgfjax state inside the optimiser state, found "
-            f"{len(found)}."
+            f"expected exactly one lgfjax state inside the optimiser state, found {len(found)}."
         )
     return found[0]
 

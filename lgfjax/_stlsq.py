@@ -27,9 +27,7 @@ def _lstsq(a, b):
     Uses the QR-iteration SVD: the default divide-and-conquer driver is ~100x slower
     on the numerically rank-deficient matrices that polynomial libraries produce.
     """
-    u, s, vt = jax.lax.linalg.svd(
-        a, full_matrices=False, algorithm=jax.lax.linalg.SvdAlgorithm.QR
-    )
+    u, s, vt = jax.lax.linalg.svd(a, full_matrices=False, algorithm=jax.lax.linalg.SvdAlgorithm.QR)
     cut = jnp.finfo(a.dtype).eps * max(a.shape) * s[0]
     inv = jnp.where(s > cut, 1.0 / jnp.where(s > cut, s, 1.0), 0.0)
     return vt.T @ (inv * (u.T @ b))

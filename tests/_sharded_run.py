@@ -54,9 +54,7 @@ def problem():
 
     def loss(p):
         # Separable quadratic plus a quartic, so the fitted flow is not trivial.
-        return sum(
-            jnp.sum(0.5 * scales[k] * p[k] ** 2 + 0.01 * p[k] ** 4) for k in ("w", "b")
-        )
+        return sum(jnp.sum(0.5 * scales[k] * p[k] ** 2 + 0.01 * p[k] ** 4) for k in ("w", "b"))
 
     return loss, params
 
@@ -120,7 +118,9 @@ def main():
             shape = re.search(r"=\s*\(?([a-z0-9]+\[[0-9,]*\])", line)
             gathers.append(shape.group(1) if shape else line.strip()[:120])
     big_gathers = [
-        g for g in gathers if any(int(d) in SHARDED_DIMS for d in re.findall(r"\d+", g.split("[")[1]))
+        g
+        for g in gathers
+        if any(int(d) in SHARDED_DIMS for d in re.findall(r"\d+", g.split("[")[1]))
     ]
     reductions = len(re.findall(r"\ball-reduce(-start)?\(", hlo))
 

@@ -1,6 +1,7 @@
 """Shared test problems with known minima, used by tests and benchmarks."""
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,12 +55,21 @@ def rosenbrock() -> Problem:
 
 def pytree_quadratic(dtype=jnp.float64) -> Problem:
     """A quadratic over a dict of mixed-shape leaves."""
-    x0 = {"w": jnp.ones((2, 3), dtype), "b": jnp.full((3,), 2.0, dtype), "s": jnp.asarray(-1.0, dtype)}
-    scale = {"w": jnp.arange(1.0, 7.0, dtype=dtype).reshape(2, 3) / 6, "b": jnp.array([0.5, 1.0, 0.25], dtype), "s": jnp.asarray(0.8, dtype)}
+    x0 = {
+        "w": jnp.ones((2, 3), dtype),
+        "b": jnp.full((3,), 2.0, dtype),
+        "s": jnp.asarray(-1.0, dtype),
+    }
+    scale = {
+        "w": jnp.arange(1.0, 7.0, dtype=dtype).reshape(2, 3) / 6,
+        "b": jnp.array([0.5, 1.0, 0.25], dtype),
+        "s": jnp.asarray(0.8, dtype),
+    }
 
     def loss(p):
         return 0.5 * sum(
-            jnp.sum(s * x**2) for s, x in zip(jax.tree_util.tree_leaves(scale), jax.tree_util.tree_leaves(p))
+            jnp.sum(s * x**2)
+            for s, x in zip(jax.tree_util.tree_leaves(scale), jax.tree_util.tree_leaves(p))
         )
 
     return Problem("pytree_quadratic", loss, x0, jax.tree_util.tree_map(jnp.zeros_like, x0), 0.5)

@@ -4,7 +4,6 @@ bitwise identically in a fresh process."""
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

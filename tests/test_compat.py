@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from problems import quadratic, run
 
 import lgfjax
 from lgfjax._adam import lgf_adam
-
-from problems import quadratic, run
 
 K, M = 4, 10
 
@@ -49,8 +48,18 @@ def test_chain_and_state_lookup(kind):
 def test_inject_hyperparams():
     # Numeric hyperparameters can be injected; sizes stay static.
     static = (
-        "base", "history_size", "retrain_interval", "rank", "poly_order", "include_bias",
-        "fd_order", "max_iter", "normalize_columns", "unbias", "substeps", "weak_power",
+        "base",
+        "history_size",
+        "retrain_interval",
+        "rank",
+        "poly_order",
+        "include_bias",
+        "fd_order",
+        "max_iter",
+        "normalize_columns",
+        "unbias",
+        "substeps",
+        "weak_power",
         "adaptive",
     )
     opt = optax.inject_hyperparams(lgfjax.lgf, static_args=static)(
@@ -68,14 +77,18 @@ def test_inject_hyperparams():
         return np.stack(xs)
 
     injected = trajectory(opt, opt.init(problem.x0))
-    np.testing.assert_allclose(injected, trajectory(make("lgf"), make("lgf").init(problem.x0)), rtol=1e-12)
+    np.testing.assert_allclose(
+        injected, trajectory(make("lgf"), make("lgf").init(problem.x0)), rtol=1e-12
+    )
     # A new threshold set in the state takes effect: it matches an optimiser built
     # with it. (dt alone would not do: the learned flow scales as 1/dt and is then
     # integrated over dt, so the surrogate steps are invariant to it.)
     state = opt.init(problem.x0)
     state = state._replace(hyperparams={**state.hyperparams, "threshold": jnp.asarray(100.0)})
     changed = trajectory(opt, state)
-    rebuilt = lgfjax.lgf(optax.sgd(0.1), history_size=K, retrain_interval=M, dt=0.1, threshold=100.0)
+    rebuilt = lgfjax.lgf(
+        optax.sgd(0.1), history_size=K, retrain_interval=M, dt=0.1, threshold=100.0
+    )
     np.testing.assert_allclose(changed, trajectory(rebuilt, rebuilt.init(problem.x0)), rtol=1e-12)
     assert not np.allclose(changed, injected)
 
@@ -112,7 +125,10 @@ def test_dtypes_preserved(kind, dtype):
         for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params)):
             assert u.dtype == p.dtype and u.shape == p.shape
         params = optax.apply_updates(params, updates)
-    assert all(bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))) for p in jax.tree_util.tree_leaves(params))
+    assert all(
+        bool(jnp.all(jnp.isfinite(p.astype(jnp.float32))))
+        for p in jax.tree_util.tree_leaves(params)
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from problems import pytree_quadratic, quadratic, rotated_quadratic, run
 
 import lgfjax
 from lgfjax._flow import integrate
-
-from problems import pytree_quadratic, quadratic, rotated_quadratic, run
 
 
 def _counting_loss(loss, counter):
@@ -34,7 +33,9 @@ def test_cycle_schedule_counts_true_evaluations(K, M, rank):
         pytest.skip("rank must not exceed K")
     counter = [0]
     loss = _counting_loss(problem.loss, counter)
-    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=K, retrain_interval=M, dt=problem.lr, rank=rank)
+    opt = lgfjax.lgf(
+        optax.sgd(problem.lr), history_size=K, retrain_interval=M, dt=problem.lr, rank=rank
+    )
     grad_fn = lgfjax.value_and_grad(loss)
 
     @jax.jit
@@ -119,8 +120,13 @@ def test_learned_gradient_descent_flow_on_quadratic(fd_order):
     problem = quadratic(n=3, condition=4.0)
     lr, K, M = 0.5 / 4.0, 12, 40
     opt = lgfjax.lgf(
-        optax.sgd(lr), history_size=K, retrain_interval=M, dt=lr, include_bias=False,
-        fd_order=fd_order, threshold=1e-10,
+        optax.sgd(lr),
+        history_size=K,
+        retrain_interval=M,
+        dt=lr,
+        include_bias=False,
+        fd_order=fd_order,
+        threshold=1e-10,
     )
     params, state, _ = run(opt, problem, M)
     d = jnp.diag(jax.hessian(problem.loss)(problem.x0))
@@ -143,7 +149,15 @@ def test_forward_difference_recovers_discrete_map_exactly():
     # fitted coefficients are the Hessian to rounding.
     problem = rotated_quadratic(n=3, condition=10.0, seed=1)
     lr, K = problem.lr, 8
-    opt = lgfjax.lgf(optax.sgd(lr), history_size=K, retrain_interval=K + 2, dt=lr, fd_order=1, threshold=0.0, alpha=0.0)
+    opt = lgfjax.lgf(
+        optax.sgd(lr),
+        history_size=K,
+        retrain_interval=K + 2,
+        dt=lr,
+        fd_order=1,
+        threshold=0.0,
+        alpha=0.0,
+    )
     _, state, _ = run(opt, problem, K + 1)
     h = jax.hessian(problem.loss)(problem.x0)
     c = h @ (problem.minimum)
@@ -156,7 +170,9 @@ def test_forward_difference_recovers_discrete_map_exactly():
 def test_reduced_step_equals_full_space_integration_of_projected_field(degree):
     problem = rotated_quadratic(n=6, condition=10.0, seed=2)
     lr, K, rank = problem.lr, 10, 3
-    opt = lgfjax.lgf(optax.sgd(lr), history_size=K, retrain_interval=K + 5, dt=lr, rank=rank, poly_order=degree)
+    opt = lgfjax.lgf(
+        optax.sgd(lr), history_size=K, retrain_interval=K + 5, dt=lr, rank=rank, poly_order=degree
+    )
     x, s = problem.x0, opt.init(problem.x0)
     for _ in range(K):
         u, s = opt.update(jax.grad(problem.loss)(x), s, x)
@@ -172,8 +188,13 @@ def test_reduced_step_equals_full_space_integration_of_projected_field(degree):
         return basis.T @ flow(t, basis @ y)
 
     y1, ok = integrate(
-        full_field, x, jnp.asarray(lr), solver=lgfjax.RK4(), substeps=1,
-        stepsize_controller=diffrax.ConstantStepSize(), max_steps=4,
+        full_field,
+        x,
+        jnp.asarray(lr),
+        solver=lgfjax.RK4(),
+        substeps=1,
+        stepsize_controller=diffrax.ConstantStepSize(),
+        max_steps=4,
     )
     assert bool(ok)
     np.testing.assert_allclose(x1, y1, rtol=0, atol=1e-12)
@@ -181,7 +202,9 @@ def test_reduced_step_equals_full_space_integration_of_projected_field(degree):
 
 def test_no_retracing_over_cycles():
     problem = quadratic(n=3)
-    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=4, retrain_interval=7, dt=problem.lr, rank=2)
+    opt = lgfjax.lgf(
+        optax.sgd(problem.lr), history_size=4, retrain_interval=7, dt=problem.lr, rank=2
+    )
     traces = [0]
     grad_fn = lgfjax.value_and_grad(problem.loss)
 
@@ -202,7 +225,11 @@ def test_no_retracing_over_cycles():
 def test_inside_optax_chain(position):
     problem = quadratic(n=3)
     lgf = lgfjax.lgf(optax.sgd(problem.lr), history_size=5, retrain_interval=10, dt=problem.lr)
-    opt = optax.chain(lgf, optax.scale(1.0)) if position == "first" else optax.chain(optax.clip_by_global_norm(1e3), lgf)
+    opt = (
+        optax.chain(lgf, optax.scale(1.0))
+        if position == "first"
+        else optax.chain(optax.clip_by_global_norm(1e3), lgf)
+    )
     params, state, losses = run(opt, problem, 30)
     assert int(lgfjax.gradient_evaluations(state)) == 15
     assert losses[-1] < 1e-2 * problem.loss(problem.x0)
@@ -213,7 +240,9 @@ def test_inside_optax_chain(position):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_pytree_params_keep_structure_and_dtypes(rank, dtype):
     problem = pytree_quadratic(dtype)
-    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=6, retrain_interval=15, dt=problem.lr, rank=rank)
+    opt = lgfjax.lgf(
+        optax.sgd(problem.lr), history_size=6, retrain_interval=15, dt=problem.lr, rank=rank
+    )
     params, state, losses = run(opt, problem, 30)
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(problem.x0)
     for p, q in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(problem.x0)):
@@ -234,13 +263,22 @@ def test_float32_matches_float64(derivative):
     p32 = p64._replace(x0=x0_32, loss=lambda x: p64.loss(x.astype(jnp.float64)).astype(jnp.float32))
     x32, s32, _ = run(opt, p32, 50)
     assert x32.dtype == jnp.float32 and s32.coefficients.dtype == jnp.float32
-    np.testing.assert_allclose(x32, x64, rtol=0, atol=2e-3 * float(jnp.max(jnp.abs(x64 - p64.minimum))) + 1e-4)
+    np.testing.assert_allclose(
+        x32, x64, rtol=0, atol=2e-3 * float(jnp.max(jnp.abs(x64 - p64.minimum))) + 1e-4
+    )
 
 
 def test_weak_form_learns_quadratic_flow():
     problem = quadratic(n=2, condition=3.0)
     lr, K, M = problem.lr, 20, 60
-    opt = lgfjax.lgf(optax.sgd(lr), history_size=K, retrain_interval=M, dt=lr, derivative="weak", include_bias=False)
+    opt = lgfjax.lgf(
+        optax.sgd(lr),
+        history_size=K,
+        retrain_interval=M,
+        dt=lr,
+        derivative="weak",
+        include_bias=False,
+    )
     params, state, _ = run(opt, problem, M)
     gd = problem.x0
     for _ in range(M):
@@ -260,7 +298,9 @@ def test_centred_pod_resolves_small_moves_in_float32():
     )
     results = {}
     for center in (False, True):
-        opt = lgfjax.lgf(optax.sgd(0.1), history_size=10, retrain_interval=30, dt=0.1, rank=3, center=center)
+        opt = lgfjax.lgf(
+            optax.sgd(0.1), history_size=10, retrain_interval=30, dt=0.1, rank=3, center=center
+        )
         params, state, losses = run(opt, problem, 60)
         results[center] = (losses[-1], int(state.active_terms))
     assert results[True][1] == 12 and results[False][1] < 12

@@ -16,9 +16,10 @@ import pytest
 
 optx = pytest.importorskip("optimistix")
 
+from problems import quadratic, rosenbrock  # noqa: E402
+
 import lgfjax  # noqa: E402
 from lgfjax._optimistix import LGFMinimiser  # noqa: E402
-from problems import quadratic, rosenbrock  # noqa: E402
 
 TOL = 1e-8
 CALLS = [0]
@@ -47,8 +48,12 @@ def solve(fn, solver, x0, **kwargs):
 
 def lgf_solver(problem, K, M, order, **kwargs):
     opt = lgfjax.lgf(
-        optax.sgd(problem.lr), history_size=K, retrain_interval=M, dt=problem.lr,
-        poly_order=order, **kwargs,
+        optax.sgd(problem.lr),
+        history_size=K,
+        retrain_interval=M,
+        dt=problem.lr,
+        poly_order=order,
+        **kwargs,
     )
     return LGFMinimiser(opt, rtol=TOL, atol=TOL)
 
@@ -120,5 +125,6 @@ def test_aux_value_checks_and_termination_on_true_step():
 
 def test_needs_an_lgf_state():
     with pytest.raises(ValueError, match="lgfjax state"):
-        optx.minimise(lambda x, _: jnp.sum(x**2), LGFMinimiser(optax.sgd(0.1), 1e-6, 1e-6),
-                      jnp.ones(2))
+        optx.minimise(
+            lambda x, _: jnp.sum(x**2), LGFMinimiser(optax.sgd(0.1), 1e-6, 1e-6), jnp.ones(2)
+        )

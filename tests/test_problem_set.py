@@ -5,9 +5,6 @@ no more true gradients than gradient descent, and never emits a non-finite itera
 import numpy as np
 import optax
 import pytest
-
-import lgfjax
-
 from problems import (
     evaluations_to_reach,
     logistic_regression,
@@ -18,6 +15,8 @@ from problems import (
     trace,
     trace_base,
 )
+
+import lgfjax
 
 CASES = [
     (rotated_quadratic(n=6, condition=1e4, seed=0), 600),

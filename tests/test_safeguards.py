@@ -6,11 +6,10 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+from problems import Problem, quadratic, rosenbrock, run
 
 import lgfjax
 from lgfjax import _fit
-
-from problems import Problem, quadratic, rosenbrock, run
 
 
 def _advance(opt, loss, x, s, steps):
@@ -41,7 +40,9 @@ def test_constant_trajectory_falls_back_with_empty_model():
 def _state_before_fit(rank=None):
     problem = quadratic(n=4)
     K = 6
-    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=K, retrain_interval=20, dt=problem.lr, rank=rank)
+    opt = lgfjax.lgf(
+        optax.sgd(problem.lr), history_size=K, retrain_interval=20, dt=problem.lr, rank=rank
+    )
     x, s = _advance(opt, problem.loss, problem.x0, opt.init(problem.x0), K)
     return opt, problem, x, s
 
@@ -78,7 +79,13 @@ def test_exploding_flow_is_refused(scale, expected):
 def test_step_bound_none_disables_trust_region():
     problem = quadratic(n=4)
     K = 6
-    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=K, retrain_interval=20, dt=problem.lr, max_step_ratio=None)
+    opt = lgfjax.lgf(
+        optax.sgd(problem.lr),
+        history_size=K,
+        retrain_interval=20,
+        dt=problem.lr,
+        max_step_ratio=None,
+    )
     x, s = _advance(opt, problem.loss, problem.x0, opt.init(problem.x0), K + 1)
     assert float(s.step_bound) == np.inf
     s = s._replace(coefficients=1e3 * jnp.abs(s.coefficients))
@@ -92,8 +99,13 @@ def test_value_checks_roll_back_a_poor_flow():
     problem = rosenbrock()
     K, M = 10, 60
     opt = lgfjax.lgf(
-        optax.sgd(problem.lr), history_size=K, retrain_interval=M, dt=problem.lr,
-        check_every=5, max_step_ratio=None, include_bias=False,
+        optax.sgd(problem.lr),
+        history_size=K,
+        retrain_interval=M,
+        dt=problem.lr,
+        check_every=5,
+        max_step_ratio=None,
+        include_bias=False,
     )
     params, state, losses = run(opt, problem, 4 * M, value_fn=True)
     assert bool(jnp.all(jnp.isfinite(params)))
@@ -109,7 +121,9 @@ def test_value_checks_roll_back_a_poor_flow():
 def test_value_check_rollback_restores_anchor():
     problem = quadratic(n=3)
     K = 5
-    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=K, retrain_interval=20, dt=problem.lr, check_every=3)
+    opt = lgfjax.lgf(
+        optax.sgd(problem.lr), history_size=K, retrain_interval=20, dt=problem.lr, check_every=3
+    )
     x = problem.x0
     s = opt.init(x)
     for _ in range(K):
@@ -124,7 +138,7 @@ def test_value_check_rollback_restores_anchor():
         jax.debug.callback(lambda: calls.append(1))
         return jnp.where(jnp.allclose(p, anchor), 0.0, 1.0)
 
-    for i in range(3):
+    for _ in range(3):
         u, s = opt.update(jnp.zeros_like(x), s, x, value_fn=picky)
         x = optax.apply_updates(x, u)
     jax.effects_barrier()
@@ -137,8 +151,13 @@ def test_adaptive_schedule_grows_when_flow_is_good():
     problem = quadratic(n=3)
     K, M = 8, 16
     opt = lgfjax.lgf(
-        optax.sgd(problem.lr), history_size=K, retrain_interval=M, dt=problem.lr,
-        adaptive=True, max_surrogate_steps=32, check_every=4,
+        optax.sgd(problem.lr),
+        history_size=K,
+        retrain_interval=M,
+        dt=problem.lr,
+        adaptive=True,
+        max_surrogate_steps=32,
+        check_every=4,
     )
     params, state, _ = run(opt, problem, 150, value_fn=True)
     assert int(state.surrogate_steps) == 32 and int(state.fallbacks) == 0
@@ -152,8 +171,14 @@ def test_adaptive_schedule_halves_after_fallback_and_doubles_after_success():
     problem = rosenbrock()
     K, M, cap = 10, 30, 80
     opt = lgfjax.lgf(
-        optax.sgd(problem.lr), history_size=K, retrain_interval=M, dt=problem.lr,
-        adaptive=True, max_surrogate_steps=cap, check_every=5, include_bias=False,
+        optax.sgd(problem.lr),
+        history_size=K,
+        retrain_interval=M,
+        dt=problem.lr,
+        adaptive=True,
+        max_surrogate_steps=cap,
+        check_every=5,
+        include_bias=False,
     )
     loss = problem.loss
     grad_fn = lgfjax.value_and_grad(loss)
@@ -188,7 +213,9 @@ LOSSES = {
     "oscillatory": lambda x: jnp.sum(x**2) + 0.5 * jnp.sum(jnp.sin(25.0 * x)),
     "rosenbrock": rosenbrock().loss,
     "kink": lambda x: jnp.sum(jnp.sqrt(x**2 + 1e-6)),
-    "flat_then_cliff": lambda x: jnp.sum(jnp.where(x > 0.5, 1e4 * (x - 0.5) ** 2, 0.0)) + 1e-3 * jnp.sum(x),
+    "flat_then_cliff": lambda x: (
+        jnp.sum(jnp.where(x > 0.5, 1e4 * (x - 0.5) ** 2, 0.0)) + 1e-3 * jnp.sum(x)
+    ),
 }
 
 
@@ -210,8 +237,15 @@ def test_random_hyperparameters_never_produce_non_finite_params(
     loss = LOSSES[loss_name]
     x0 = jnp.array([0.9, -0.4])
     opt = lgfjax.lgf(
-        optax.sgd(lr), history_size=K, retrain_interval=K + extra, dt=lr, rank=rank,
-        poly_order=poly_order, derivative=derivative, threshold=threshold, alpha=alpha,
+        optax.sgd(lr),
+        history_size=K,
+        retrain_interval=K + extra,
+        dt=lr,
+        rank=rank,
+        poly_order=poly_order,
+        derivative=derivative,
+        threshold=threshold,
+        alpha=alpha,
     )
     problem = Problem(loss_name, loss, x0, None, lr)
     base_params, _, _ = run(optax.sgd(lr), problem, 2 * (K + extra) + 3, skip=False)

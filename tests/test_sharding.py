@@ -30,9 +30,7 @@ SCRIPT = Path(__file__).with_name("_sharded_run.py")
 
 @pytest.fixture(scope="module")
 def result():
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300
-    )
+    out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

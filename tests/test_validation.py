@@ -63,8 +63,17 @@ def test_base_must_be_a_transformation():
     [
         dict(history_size=3, retrain_interval=3, dt=1e-3),
         dict(history_size=5, retrain_interval=5, dt=1.0, fd_order=4),
-        dict(history_size=10, retrain_interval=50, dt=0.1, rank=10, derivative="weak", weak_width=11),
-        dict(history_size=4, retrain_interval=8, dt=0.1, threshold=0.0, alpha=0.0, solver=diffrax.Tsit5()),
+        dict(
+            history_size=10, retrain_interval=50, dt=0.1, rank=10, derivative="weak", weak_width=11
+        ),
+        dict(
+            history_size=4,
+            retrain_interval=8,
+            dt=0.1,
+            threshold=0.0,
+            alpha=0.0,
+            solver=diffrax.Tsit5(),
+        ),
     ],
 )
 def test_boundary_values_are_accepted(kwargs):

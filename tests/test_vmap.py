@@ -96,9 +96,9 @@ def test_vmap_equals_separate_runs(kind):
     x0, target, lr = batch(kind)
     (params, losses, evals), batched_calls = counted(batched_train, x0, target, lr)
     for i in range(RUNS):
-        (p, l, e), calls = counted(single_train, x0[i], target[i], lr[i])
+        (p, loss_i, e), calls = counted(single_train, x0[i], target[i], lr[i])
         np.testing.assert_allclose(params[i], p, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(losses[i], l, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(losses[i], loss_i, rtol=1e-9, atol=1e-12)
         assert int(evals[i]) == int(e)
         # A separate run evaluates the objective only at its true steps.
         assert calls == int(e) < STEPS
