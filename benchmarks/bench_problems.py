@@ -124,8 +124,9 @@ def main():
         args.markdown.write_text(
             "Gradient descent runs N steps; its final loss is the target. LGF runs up to 3N "
             "steps. Ratio = true gradients to reach the target / gradient descent's "
-            "(lower is better; 'never' = not reached in 3N steps). Loss evals are `value_fn` calls (no "
-            "gradient). Columns 'gradients' and 'fallbacks' are for the whole 3N-step run.\n\n"
+            "(lower is better; 'never' = not reached in 3N steps). Loss evals are "
+            "`value_fn` calls (no gradient). Columns 'gradients' and 'fallbacks' are for "
+            "the whole 3N-step run.\n\n"
             + table
             + "\n"
         )

@@ -34,3 +34,12 @@ from ._state import (
 from ._stlsq import stlsq as stlsq
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # optimistix is optional: import the minimiser only when it is asked for.
+    if name == "LGFMinimiser":
+        from ._optimistix import LGFMinimiser
+
+        return LGFMinimiser
+    raise AttributeError(f"module 'lgfjax' has no attribute {name!r}")
