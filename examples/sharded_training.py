@@ -7,8 +7,8 @@ contractions, no all-gather of parameters) and lifts surrogate steps back with o
 contraction per leaf. The script compares it with the base optimiser on the same
 sharded parameters and prints true gradient evaluations and losses.
 
-``opt.init`` creates the buffers unsharded, so `shard_state_like` places them; see
-benchmarks/README.md.
+``opt.init`` creates the buffers with the parameters' shardings (a leading
+unsharded axis for the K + 1 snapshots).
 
 Run: ``python examples/sharded_training.py [--steps 600] [--no-plot]``.
 """
@@ -38,21 +38,6 @@ HIDDEN = 64
 LR = 0.05
 
 
-def shard_state_like(state, shardings):
-    """Place the LGF state's ``(rows, *shape)`` buffers like the parameters."""
-
-    def place(tree):
-        if tree is None:
-            return None
-        return jax.tree_util.tree_map(
-            lambda b, s: jax.device_put(b, NamedSharding(s.mesh, P(None, *s.spec))),
-            tree,
-            shardings,
-        )
-
-    return state._replace(trajectory=place(state.trajectory), basis=place(state.basis))
-
-
 def setup():
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -77,9 +62,7 @@ def setup():
 
 
 def train(opt, params, shardings, loss, steps, lgf):
-    state = opt.init(params)
-    if lgf:
-        state = shard_state_like(state, shardings)
+    state = opt.init(params)  # LGF's buffers come out sharded like the params
     grad_fn = lgfjax.value_and_grad(loss) if lgf else None
 
     @jax.jit

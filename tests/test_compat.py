@@ -69,9 +69,10 @@ def test_inject_hyperparams():
     grad = jax.grad(problem.loss)
 
     def trajectory(opt, state):
+        update = jax.jit(opt.update)
         x, xs = problem.x0, []
         for _ in range(2 * M):
-            u, state = opt.update(grad(x), state, x)
+            u, state = update(grad(x), state, x)
             x = optax.apply_updates(x, u)
             xs.append(x)
         return np.stack(xs)

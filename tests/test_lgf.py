@@ -69,16 +69,17 @@ def test_true_steps_equal_base(base):
     grad = jax.grad(problem.loss)
     x, s = problem.x0, opt.init(problem.x0)
     shadow = base.init(problem.x0)
+    update = jax.jit(opt.update)
     true_steps = 0
     for _ in range(3 * M):
         g = grad(x)
         if bool(lgfjax.needs_gradient(s)):
             expected, shadow = base.update(g, shadow, x)
-            u, s = opt.update(g, s, x)
+            u, s = update(g, s, x)
             np.testing.assert_allclose(u, expected, rtol=1e-13, atol=1e-15)
             true_steps += 1
         else:
-            u, s = opt.update(jnp.zeros_like(g), s, x)
+            u, s = update(jnp.zeros_like(g), s, x)
         x = optax.apply_updates(x, u)
         for a, b in zip(jax.tree_util.tree_leaves(s.base_state), jax.tree_util.tree_leaves(shadow)):
             np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
@@ -91,9 +92,10 @@ def test_first_cycle_identical_to_base_and_buffer_records_iterates():
     base = optax.sgd(problem.lr)
     opt = lgfjax.lgf(base, history_size=K, retrain_interval=M, dt=problem.lr)
     x, s = problem.x0, opt.init(problem.x0)
+    update = jax.jit(opt.update)
     xs = [x]
     for _ in range(K + 1):
-        u, s = opt.update(jax.grad(problem.loss)(x), s, x)
+        u, s = update(jax.grad(problem.loss)(x), s, x)
         x = optax.apply_updates(x, u)
         xs.append(x)
     # Rows 0..K of the buffer are the iterates x_0..x_K of plain gradient descent.
@@ -174,10 +176,11 @@ def test_reduced_step_equals_full_space_integration_of_projected_field(degree):
         optax.sgd(lr), history_size=K, retrain_interval=K + 5, dt=lr, rank=rank, poly_order=degree
     )
     x, s = problem.x0, opt.init(problem.x0)
+    update = jax.jit(opt.update)
     for _ in range(K):
-        u, s = opt.update(jax.grad(problem.loss)(x), s, x)
+        u, s = update(jax.grad(problem.loss)(x), s, x)
         x = optax.apply_updates(x, u)
-    u, s = opt.update(jnp.zeros_like(x), s, x)  # fit + first surrogate step
+    u, s = update(jnp.zeros_like(x), s, x)  # fit + first surrogate step
     assert int(s.status) == 0 and int(s.accepted) == 1
     x1 = x + u
     basis = s.basis  # (r, n)

@@ -1,5 +1,7 @@
 """Safeguards: a bad fit or a bad flow never turns good parameters into NaN or garbage."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,9 @@ from lgfjax import _fit
 
 
 def _advance(opt, loss, x, s, steps):
+    update = jax.jit(opt.update)
     for _ in range(steps):
-        u, s = opt.update(jax.grad(loss)(x), s, x)
+        u, s = update(jax.grad(loss)(x), s, x)
         x = optax.apply_updates(x, u)
     return x, s
 
@@ -52,7 +55,7 @@ def _state_before_fit(rank=None):
 def test_non_finite_trajectory_is_refused(rank, poison):
     opt, problem, x, s = _state_before_fit(rank)
     s = s._replace(trajectory=s.trajectory.at[2, 1].set(poison))
-    u, s = opt.update(jnp.zeros_like(x), s, x)
+    u, s = jax.jit(opt.update)(jnp.zeros_like(x), s, x)
     assert int(s.status) == _fit.NONFINITE_TRAJECTORY
     np.testing.assert_array_equal(u, jnp.zeros_like(x))
     assert bool(jnp.all(jnp.isfinite(s.coefficients)))
@@ -65,12 +68,13 @@ def test_non_finite_trajectory_is_refused(rank, poison):
 )
 def test_exploding_flow_is_refused(scale, expected):
     opt, problem, x, s = _state_before_fit()
-    u, s = opt.update(jnp.zeros_like(x), s, x)  # a good fit and one surrogate step
+    update = jax.jit(opt.update)
+    u, s = update(jnp.zeros_like(x), s, x)  # a good fit and one surrogate step
     assert int(s.status) == _fit.OK and int(s.phase) == 1
     x = x + u
     # Replace the learned flow by a violently unstable one.
     s = s._replace(coefficients=scale * jnp.abs(s.coefficients))
-    u, s = opt.update(jnp.zeros_like(x), s, x)
+    u, s = update(jnp.zeros_like(x), s, x)
     assert int(s.status) == expected
     np.testing.assert_array_equal(u, jnp.zeros_like(x))
     assert int(s.rejected) == 1 and int(s.phase) == 0
@@ -89,7 +93,7 @@ def test_step_bound_none_disables_trust_region():
     x, s = _advance(opt, problem.loss, problem.x0, opt.init(problem.x0), K + 1)
     assert float(s.step_bound) == np.inf
     s = s._replace(coefficients=1e3 * jnp.abs(s.coefficients))
-    u, s = opt.update(jnp.zeros_like(x), s, x)
+    u, s = jax.jit(opt.update)(jnp.zeros_like(x), s, x)
     assert int(s.status) == _fit.OK and float(jnp.linalg.norm(u)) > 1.0
 
 
@@ -126,8 +130,9 @@ def test_value_check_rollback_restores_anchor():
     )
     x = problem.x0
     s = opt.init(x)
+    first = jax.jit(functools.partial(opt.update, value_fn=problem.loss))
     for _ in range(K):
-        u, s = opt.update(jax.grad(problem.loss)(x), s, x, value_fn=problem.loss)
+        u, s = first(jax.grad(problem.loss)(x), s, x)
         x = optax.apply_updates(x, u)
     anchor = x
     # A value_fn that rejects everything after the fit: the third surrogate step is
@@ -138,8 +143,9 @@ def test_value_check_rollback_restores_anchor():
         jax.debug.callback(lambda: calls.append(1))
         return jnp.where(jnp.allclose(p, anchor), 0.0, 1.0)
 
+    then = jax.jit(functools.partial(opt.update, value_fn=picky))
     for _ in range(3):
-        u, s = opt.update(jnp.zeros_like(x), s, x, value_fn=picky)
+        u, s = then(jnp.zeros_like(x), s, x)
         x = optax.apply_updates(x, u)
     jax.effects_barrier()
     np.testing.assert_allclose(x, anchor, rtol=0, atol=1e-15)
