@@ -216,21 +216,22 @@ def make_transformation(
         is_true = state.phase == 0
         is_fit = (state.phase != 0) & (cs == K)
 
-        def write(buf, leaf, row, when):
-            return buf.at[row].set(jnp.where(when, leaf.astype(buf.dtype), buf[row]))
+        def write(buffers, leaves, row, when):
+            # A loop taken once or never writes the row in place and, unlike a masked
+            # write, reads nothing when there is nothing to record.
+            def body(carry):
+                return jnp.asarray(True), jax.tree_util.tree_map(
+                    lambda b, x: b.at[row].set(x.astype(b.dtype)), carry[1], leaves
+                )
 
-        trajectory = jax.tree_util.tree_map(
-            lambda b, p: write(b, p, jnp.minimum(cs, K), (is_true & (cs < K)) | is_fit),
-            state.trajectory,
-            params,
+            return jax.lax.while_loop(lambda c: ~c[0], body, (~when, buffers))[1]
+
+        trajectory = write(
+            state.trajectory, params, jnp.minimum(cs, K), (is_true & (cs < K)) | is_fit
         )
         gradients = state.gradients
         if record_gradients:
-            gradients = jax.tree_util.tree_map(
-                lambda b, g: write(b, g, jnp.minimum(cs, K - 1), is_true & (cs < K)),
-                gradients,
-                updates,
-            )
+            gradients = write(gradients, updates, jnp.minimum(cs, K - 1), is_true & (cs < K))
 
         def do_fit(carry):
             fit = fit_flow(cfg, trajectory, gradients, dt, dtype)
