@@ -15,12 +15,6 @@ from jaxtyping import Array, Float
 FD_ORDERS = {1: (0, 1), 2: (1, 1), 4: (2, 2)}
 
 
-def min_points(fd_order: int) -> int:
-    """Fewest trajectory points that give at least two finite-difference rows."""
-    lo, hi = FD_ORDERS[fd_order]
-    return lo + hi + 2
-
-
 def finite_difference(x: Float[Array, "K n"], dt, order: int = 2) -> Float[Array, "K_valid n"]:
     """Time derivative of a uniformly sampled trajectory by finite differences.
 

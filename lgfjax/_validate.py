@@ -2,8 +2,6 @@
 
 import jax
 
-_FLOAT_TYPES = (int, float)
-
 
 def _concrete(value) -> bool:
     # Traced hyperparameters (e.g. under optax.inject_hyperparams) cannot be checked.
@@ -32,8 +30,3 @@ def check_positive(name: str, value) -> None:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         _fail(name, value, f"one of {tuple(choices)!r}")
-
-
-def check_range(name: str, value, lo, hi, allowed: str) -> None:
-    if _concrete(value) and not (lo <= float(value) <= hi):
-        _fail(name, value, allowed)
