@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, Int
 
 from ._derivatives import strong_form, weak_form
 from ._library import polynomial_library
-from ._pod import gram_modes, tree_basis, tree_gram, tree_project_rows
+from ._pod import gathered, gram_modes, tree_basis, tree_gram, tree_project_rows
 from ._stlsq import stlsq
 
 # Reasons a cycle fell back to true steps, recorded in the state's `status` field.
@@ -66,7 +66,7 @@ class Fit(NamedTuple):
 
 
 def _ravel_rows(tree, dtype):
-    return jax.vmap(lambda t: ravel_pytree(t)[0])(tree).astype(dtype)
+    return jax.vmap(lambda t: ravel_pytree(t)[0])(gathered(tree)).astype(dtype)
 
 
 def fit_flow(cfg: FitConfig, trajectory, gradients, dt, dtype) -> Fit:

@@ -5,10 +5,12 @@ from typing import ClassVar
 import diffrax
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from ._library import polynomial_library
+from ._pod import explicit_out_sharding
 
 _rk4_tableau = diffrax.ButcherTableau(
     a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
@@ -72,19 +74,34 @@ def integrate(
     adjoint), because the surrogate step is not differentiated.
     """
     dt0 = (t1 - t0) / substeps
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field),
-        solver,
-        t0=t0,
-        t1=t1,
-        dt0=dt0,
-        y0=y0,
-        args=args,
-        saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=stepsize_controller,
-        max_steps=max_steps,
-        throw=False,
-        adjoint=diffrax.ForwardMode(),
-    )
-    y1 = jax.tree_util.tree_map(lambda y: y[0], sol.ys)
-    return y1, sol.result == diffrax.RESULTS.successful
+
+    def solve(y0, args, field):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            solver,
+            t0=t0,
+            t1=t1,
+            dt0=dt0,
+            y0=y0,
+            args=args,
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=stepsize_controller,
+            max_steps=max_steps,
+            throw=False,
+            adjoint=diffrax.ForwardMode(),
+        )
+        y1 = jax.tree_util.tree_map(lambda y: y[0], sol.ys)
+        return y1, sol.result == diffrax.RESULTS.successful
+
+    out_sharding = explicit_out_sharding(y0)
+    if out_sharding is None:
+        return solve(y0, args, vector_field)
+    # diffrax's step buffers cannot hold explicitly sharded states: solve with the
+    # mesh axes in auto mode and hand the result back laid out like `y0`. Arrays the
+    # vector field closes over become explicit arguments, as `auto_axes` requires.
+    converted, consts = jax.closure_convert(vector_field, jnp.asarray(t0), y0, args)
+
+    def solve_converted(y0, args, consts):
+        return solve(y0, args, lambda t, y, a: converted(t, y, a, *consts))
+
+    return jax.sharding.auto_axes(solve_converted, out_sharding=out_sharding)(y0, args, consts)

@@ -23,7 +23,7 @@ from ._fit import (
 )
 from ._flow import RK4, PolynomialFlow, integrate
 from ._library import library_size
-from ._pod import tree_lift, tree_project
+from ._pod import gathered, placed_like, tree_lift, tree_project
 from ._validate import (
     check_choice,
     check_nonnegative,
@@ -74,7 +74,7 @@ class SurrogateModel(NamedTuple):
 
     def project(self, tree, dtype):
         if self.basis is None:
-            return ravel_pytree(tree)[0].astype(dtype)
+            return ravel_pytree(gathered(tree))[0].astype(dtype)
         if self.origin is not None:
             tree = jax.tree_util.tree_map(
                 lambda x, o: x.astype(dtype) - o.astype(dtype), tree, self.origin
@@ -83,7 +83,8 @@ class SurrogateModel(NamedTuple):
 
     def lift(self, dz, like):
         if self.basis is None:
-            return jax.tree_util.tree_map(lambda u, p: u.astype(p.dtype), self.unravel(dz), like)
+            lifted = jax.tree_util.tree_map(lambda u, p: u.astype(p.dtype), self.unravel(dz), like)
+            return placed_like(lifted, like)
         return tree_lift(self.basis, dz, like)
 
 
@@ -199,10 +200,12 @@ def make_transformation(
         dtype = state.coefficients.dtype
         cs = state.cycle_step
         last_of_cycle = cs + 1 >= K + state.surrogate_steps
-        flat_params, unravel_flat = ravel_pytree(params)
+        unravel = None
+        if cfg.rank is None:
+            flat_params, unravel_flat = ravel_pytree(gathered(params))
 
-        def unravel(v):
-            return unravel_flat(v.astype(flat_params.dtype))
+            def unravel(v):
+                return unravel_flat(v.astype(flat_params.dtype))
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, updates)
 

@@ -21,6 +21,23 @@ def _column_scale(theta, normalize_columns: bool):
     return jnp.where(norms > 0, norms, 1.0)
 
 
+def _per_target(fn, *args):
+    """``jax.vmap(fn)(*args)``, one target per leading index, without batched LAPACK
+    calls on CPU.
+
+    jaxlib's CPU LAPACK kernels (0.10) split a batch over XLA's intra-op thread pool
+    and block a pool thread until it is done. When as many computations as the pool
+    has threads do so at once, as simulated devices (``--xla_force_host_platform_
+    device_count``) do, the process deadlocks. On CPU the targets are therefore solved
+    one at a time with `jax.lax.map`; other backends keep the batched solve.
+    """
+    return jax.lax.platform_dependent(
+        *args,
+        cpu=lambda *a: jax.lax.map(lambda t: fn(*t), a),
+        default=jax.vmap(fn),
+    )
+
+
 def _lstsq(a, b):
     """Minimum-norm least squares with `jnp.linalg.lstsq`'s cut (eps * max(M, N)).
 
@@ -45,7 +62,7 @@ def _primal_solve(x, y, masks, alpha):
         def one(m, yj):
             return m * _lstsq(x * m, yj)
 
-        return jax.vmap(one, in_axes=(0, 1))(fm, y)
+        return _per_target(one, fm, y.T)
     gram = x.T @ x
     rhs = x.T @ y
 
@@ -53,7 +70,7 @@ def _primal_solve(x, y, masks, alpha):
         a = gram * jnp.outer(m, m) + jnp.diag(alpha * m + (1.0 - m))
         return m * jnp.linalg.solve(a, m * bj)
 
-    return jax.vmap(one, in_axes=(0, 1))(fm, rhs)
+    return _per_target(one, fm, rhs.T)
 
 
 def _dual_kernels(x, fm):
@@ -95,13 +112,13 @@ def _dual_solve(x, y, masks, alpha):
                 z = z + pinv(yj - xm @ (xm.T @ z))
             return z
 
-        z = jax.vmap(one, in_axes=(0, 0, 1))(kernels, fm, y)  # (d, N)
+        z = _per_target(one, kernels, fm, y.T)  # (d, N)
         return fm * (z @ x)
 
     def one(k, yj):
         return jnp.linalg.solve(k + alpha * jnp.eye(n_rows, dtype=x.dtype), yj)
 
-    z = jax.vmap(one, in_axes=(0, 1))(kernels, y)  # (d, N)
+    z = _per_target(one, kernels, y.T)  # (d, N)
     return fm * (z @ x)
 
 

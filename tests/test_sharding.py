@@ -14,8 +14,12 @@ different summation order of the sharded Gram matrix, because the degree-2 fit i
 rank 4 (15 terms, 7 samples) is an underdetermined minimum-norm solve, so the
 comparison after fits is relative 1e-7 in float64.
 
-Note on ``init``: ``opt.init`` builds the buffers with ``jnp.zeros`` and so does not
-shard them (`test_init_does_not_shard_buffers` records this); the helper places them.
+``opt.init`` builds the buffers with the parameters' shardings itself
+(`test_init_shards_buffers_like_params`).
+
+`test_multi_target_fit_does_not_deadlock` runs a float32 rank-8, degree-2 fit (eight
+targets, dual STLSQ) on 8 simulated devices: with batched LAPACK calls in the fit,
+jaxlib 0.10's CPU kernels deadlocked the process there (see `lgfjax._stlsq._per_target`).
 """
 
 import json
@@ -24,6 +28,32 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# Replicated parameters: no collectives at all, so a hang can only come from the CPU
+# runtime itself. Prints the gradient evaluations after 30 steps (20 true, a fit).
+DEADLOCK_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, optax, lgfjax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+params = {"w1": jax.random.normal(k1, (1, 64)), "w2": jax.random.normal(k2, (64, 1)) / 8}
+params = jax.device_put(params, NamedSharding(mesh, P()))
+xs = jnp.linspace(-1.0, 1.0, 128)[:, None]
+loss = lambda p: jnp.mean((jnp.tanh(xs @ p["w1"]) @ p["w2"] - jnp.sin(3 * xs)) ** 2)
+opt = lgfjax.lgf(optax.sgd(0.05), history_size=20, retrain_interval=40, dt=0.05,
+                 rank=8, poly_order=2)
+state = opt.init(params)
+@jax.jit
+def step(p, s):
+    _, g = lgfjax.value_and_grad(loss)(p, s)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+for _ in range(30):
+    params, state = step(params, state)
+print(int(lgfjax.gradient_evaluations(state)), int(jax.device_count()))
+"""
 
 SCRIPT = Path(__file__).with_name("_sharded_run.py")
 
@@ -71,3 +101,38 @@ def test_init_shards_buffers_like_params(result):
     # Buffers of shape (rows, *shape) carry the parameter's spec with a leading None.
     assert result["init_trajectory_specs"] == result["in_specs"]["trajectory"]
     assert "SingleDeviceSharding" not in set(result["init_trajectory_specs"].values())
+
+
+def test_multi_target_fit_does_not_deadlock():
+    out = subprocess.run(
+        [sys.executable, "-c", DEADLOCK_SCRIPT], capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    evaluations, devices = map(int, out.stdout.split())
+    assert devices == 8
+    # 20 true steps, then the fitted flow took over for at least some steps.
+    assert 20 <= evaluations < 30
+
+
+@pytest.fixture(scope="module")
+def explicit():
+    script = Path(__file__).with_name("_explicit_run.py")
+    out = subprocess.run(
+        [sys.executable, str(script), "--x64"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("config", ["full", "rank_deg2", "center", "check_every", "adam"])
+def test_explicit_axes(explicit, config):
+    # jax.make_mesh's default axis type: contractions over n need an explicit output
+    # sharding, full space needs the flat vector gathered, and lgf_adam's full-size
+    # ODE state is solved with the axes in auto mode.
+    assert explicit["axis_types"] == "(Explicit,)"
+    result = explicit[config]
+    assert result["params_spec"] == {"w": "P('x', None)", "b": "P(None,)"}
+    assert result["updates_spec"] == result["params_spec"]
+    assert result["trajectory_spec"] == {"w": "P(None, 'x', None)", "b": "P(None, None)"}
+    assert result["evaluations"] == result["reference_evaluations"] < 40
+    assert result["rel_diff"] <= 1e-6

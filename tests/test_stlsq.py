@@ -6,6 +6,7 @@ each time.
 """
 
 import functools
+import re
 import warnings
 
 import jax
@@ -244,6 +245,24 @@ def _float32_case(kind):
     np.testing.assert_array_equal(np.asarray(f32) != 0, f64 != 0)
     err = np.max(np.abs(np.asarray(f32, np.float64) - f64), axis=(1, 2))
     return err, np.max(np.abs(f64), axis=(1, 2))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1e-3], ids=["minnorm", "ridge"])
+@pytest.mark.parametrize("n_rows", [13, 60], ids=["dual", "primal"])
+def test_cpu_lapack_calls_are_not_batched(alpha, n_rows):
+    # A batched jaxlib CPU LAPACK call blocks an intra-op pool thread on sub-tasks
+    # queued to the same pool, which deadlocks with simulated devices; every
+    # per-target solve must reach LAPACK one matrix at a time.
+    x = jnp.ones((n_rows, 45), jnp.float32)
+    y = jnp.ones((n_rows, 8), jnp.float32)
+    fit = jax.jit(lambda a, b: lgfjax.stlsq(a, b, threshold=0.1, alpha=alpha))
+    hlo = fit.lower(x, y).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "custom_call_target=\"lapack_" in line]
+    assert calls
+    for line in calls:
+        results = line.split("=", 1)[1].split("custom-call(")[0]
+        # Matrices are rank 2; a batched call has rank-3 results such as f32[8,19,19].
+        assert all(dims.count(",") <= 1 for dims in re.findall(r"\[([\d,]*)\]", results)), line
 
 
 def test_float32_in_float32_out():

@@ -1,0 +1,90 @@
+"""Run lgfjax on parameters sharded over a mesh with *explicit* axes (4 CPU devices).
+
+`jax.make_mesh` gives `AxisType.Explicit` axes by default, under which JAX refuses to
+guess the layout of a contraction over a sharded axis and diffrax cannot store
+sharded states. Run as a script by ``tests/test_sharding.py``; prints one JSON object:
+for each configuration, the largest difference from the unsharded run, the gradient
+evaluations of both runs, and whether params, updates and buffers kept their layout.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+
+if "--x64" in sys.argv:
+    jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import lgfjax  # noqa: E402
+
+CONFIGS = {
+    "full": lambda: lgfjax.lgf(optax.sgd(0.04), history_size=8, retrain_interval=20, dt=0.04),
+    "rank_deg2": lambda: lgfjax.lgf(
+        optax.sgd(0.04), history_size=8, retrain_interval=20, dt=0.04, rank=4, poly_order=2
+    ),
+    "center": lambda: lgfjax.lgf(
+        optax.sgd(0.04), history_size=8, retrain_interval=20, dt=0.04, rank=4, center=True
+    ),
+    "check_every": lambda: lgfjax.lgf(
+        optax.sgd(0.04), history_size=8, retrain_interval=20, dt=0.04, rank=4, check_every=4
+    ),
+    "adam": lambda: lgfjax.lgf_adam(0.05, history_size=8, retrain_interval=20, rank=4),
+}
+
+
+def main():
+    rng = np.random.default_rng(0)
+    params0 = {"w": jnp.asarray(rng.normal(size=(16, 8))), "b": jnp.asarray(rng.normal(size=8))}
+    scales = {k: jnp.asarray(rng.uniform(1.0, 5.0, size=v.shape)) for k, v in params0.items()}
+
+    def loss(p):
+        return sum(jnp.sum(0.5 * scales[k] * p[k] ** 2 + 0.01 * p[k] ** 4) for k in p)
+
+    def run(opt, params, steps=40):
+        state = opt.init(params)
+
+        @jax.jit
+        def step(p, s):
+            _, grads = lgfjax.value_and_grad(loss)(p, s)
+            updates, s = opt.update(grads, s, p, value_fn=loss)
+            return optax.apply_updates(p, updates), s, updates
+
+        for _ in range(steps):
+            params, state, updates = step(params, state)
+        return params, state, updates
+
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(AxisType.Explicit,))
+    specs = {"w": P("x", None), "b": P()}
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    out = {"devices": jax.device_count(), "axis_types": str(mesh.axis_types)}
+    for name, make in CONFIGS.items():
+        reference, ref_state, _ = run(make(), params0)
+        params, state, updates = run(make(), jax.device_put(params0, shardings))
+        scale = max(float(jnp.max(jnp.abs(reference[k]))) for k in params)
+        out[name] = {
+            "rel_diff": max(float(jnp.max(jnp.abs(params[k] - reference[k]))) for k in params)
+            / scale,
+            "evaluations": int(lgfjax.gradient_evaluations(state)),
+            "reference_evaluations": int(lgfjax.gradient_evaluations(ref_state)),
+            "params_spec": {k: str(jax.typeof(v).sharding.spec) for k, v in params.items()},
+            "updates_spec": {k: str(jax.typeof(v).sharding.spec) for k, v in updates.items()},
+            "trajectory_spec": {
+                k: str(jax.typeof(v).sharding.spec) for k, v in state.trajectory.items()
+            },
+        }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
