@@ -126,9 +126,7 @@ def main():
             "steps. Ratio = true gradients to reach the target / gradient descent's "
             "(lower is better; 'never' = not reached in 3N steps). Loss evals are "
             "`value_fn` calls (no gradient). Columns 'gradients' and 'fallbacks' are for "
-            "the whole 3N-step run.\n\n"
-            + table
-            + "\n"
+            "the whole 3N-step run.\n\n" + table + "\n"
         )
 
 

@@ -257,7 +257,7 @@ def test_cpu_lapack_calls_are_not_batched(alpha, n_rows):
     y = jnp.ones((n_rows, 8), jnp.float32)
     fit = jax.jit(lambda a, b: lgfjax.stlsq(a, b, threshold=0.1, alpha=alpha))
     hlo = fit.lower(x, y).compile().as_text()
-    calls = [line for line in hlo.splitlines() if "custom_call_target=\"lapack_" in line]
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="lapack_' in line]
     assert calls
     for line in calls:
         results = line.split("=", 1)[1].split("custom-call(")[0]
