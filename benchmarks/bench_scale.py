@@ -17,7 +17,8 @@ What is printed:
 - the largest array in the compiled update's HLO, to show that nothing ``n x n`` (or
   ``n x K`` beyond the buffer itself) is formed;
 - a true step of ``lgf(optax.sgd)`` against a plain ``optax.sgd`` step (the cost of
-  recording), for the update alone and for the whole training step;
+  recording), as a profile ladder that adds one piece of the true step at a time,
+  and again for objectives that cost more than one pass over ``n``;
 - compile times of the training step for the default `lgf` and for `lgf_adam`.
 
 Options: ``--sizes 1e5 1e6 1e7`` (default), ``--quick`` (sizes 1e4 1e5, few repeats).
@@ -186,6 +187,24 @@ def scale_worker(n: int, repeats: int, buffer_dtype: str | None):
 
 
 def overhead_worker(n: int, repeats: int):
+    """True steps of `lgf(optax.sgd)` against plain sgd, with a profile ladder.
+
+    Every variant is a whole jitted training step (gradient, update, apply) with
+    params and state donated. The variants run round-robin, one step each, so they
+    see the same machine load and the same (cold) caches. The ladder adds one piece
+    of LGF's true step at a time:
+
+    - ``sgd``: the plain step, which XLA fuses into one pass over the arrays;
+    - ``gate``: the gradient inside `lax.cond` (what `lgfjax.value_and_grad` does so
+      that surrogate steps skip it), which materialises the gradient;
+    - ``record``: plus the row write of the iterate into the ``(K + 1, n)`` buffer
+      (a loop taken once or never, as in `lgfjax`);
+    - ``switch``: plus the base update inside a `lax.switch` over the phases;
+    - ``lgf``: the real `lgfjax.lgf` true step (bookkeeping, the fit loop not taken).
+
+    Then the same sgd vs lgf comparison for objectives that cost more:
+    ``0.5 |A x|^2`` with a block-diagonal ``A`` of 16 x 16 and 64 x 64 blocks.
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -194,58 +213,109 @@ def overhead_worker(n: int, repeats: int):
 
     lr = 0.1
     d = jnp.linspace(0.5, 1.5, n, dtype=jnp.float32)
+    sgd = optax.sgd(lr)
+    sgd_state = sgd.init(jnp.zeros(1, jnp.float32))
 
-    def loss(x):
-        return 0.5 * jnp.sum(d * x * x)
+    def make_loss(block):
+        if block == 0:
+            return lambda x: 0.5 * jnp.sum(d * x * x)
+        # 0.5 |A x|^2 with A block diagonal (block x block): ~4 n block flops per
+        # gradient, a stand-in for an objective that does real work per parameter.
+        a = jnp.eye(block, dtype=jnp.float32) + 0.01 * jnp.ones((block, block), jnp.float32)
 
-    def timings(opt, use_lgf):
-        grad_fn = lgfjax.value_and_grad(loss) if use_lgf else jax.value_and_grad(loss)
+        def loss(x):
+            y = x.reshape(-1, block) @ a
+            return 0.5 * jnp.sum(y * y)
 
-        def full(params, state):
-            _, grads = grad_fn(params, state) if use_lgf else grad_fn(params)
-            updates, state = opt.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
+        return loss
 
-        full = jax.jit(full, donate_argnums=(0, 1))
-        upd = jax.jit(lambda g, s, p: opt.update(g, s, p), donate_argnums=1)
-        grads = jax.grad(loss)(jnp.ones(n, jnp.float32))
-        # Warm up both, then time true steps only: a fresh state every K steps.
-        out = {"full": [], "update": []}
-        for _ in range(max(2, repeats // K)):
-            # `LGFState` from `init` shares one zero array between its counters, which
-            # cannot be donated twice in one call: give every leaf its own buffer.
-            fresh = lambda: jax.tree_util.tree_map(jnp.copy, opt.init(jnp.ones(n, jnp.float32)))
-            params, state, ustate = jnp.ones(n, jnp.float32), fresh(), fresh()
-            p_fixed = jnp.ones(n, jnp.float32)
-            jax.block_until_ready((params, state, ustate))
-            for _ in range(K):
+    def variants(loss):
+        def gated(p, flag):
+            def skip(p):
+                return jnp.full((), jnp.nan, p.dtype), jnp.zeros_like(p)
+
+            return jax.lax.cond(flag, jax.value_and_grad(loss), skip, p)
+
+        def record(buf, x, row, when):
+            def body(carry):
+                return jnp.asarray(True), carry[1].at[row].set(x)
+
+            return jax.lax.while_loop(lambda c: ~c[0], body, (~when, buf))[1]
+
+        def base(g, p):
+            return sgd.update(g, sgd_state, p)[0]
+
+        def v_sgd(p, s):
+            return p + base(jax.grad(loss)(p), p), s
+
+        def v_gate(p, s):
+            buf, c = s
+            _, g = gated(p, c < K)
+            return p + base(g, p), (buf, (c + 1) % K)
+
+        def v_record(p, s):
+            buf, c = s
+            _, g = gated(p, c < K)
+            buf = record(buf, p, c, c < K)
+            return p + base(g, p), (buf, (c + 1) % K)
+
+        def v_switch(p, s):
+            buf, c = s
+            _, g = gated(p, c < K)
+            buf = record(buf, p, c, c < K)
+            u = jax.lax.switch(
+                jnp.where(c < K, 0, 1), (lambda g: base(g, p), lambda g: 0.1 * buf[0]), g
+            )
+            return p + u, (buf, (c + 1) % K)
+
+        opt = _lgf_factory()(
+            sgd, history_size=K, retrain_interval=2 * K, dt=lr, rank=RANK, poly_order=DEGREE
+        )
+        vg = lgfjax.value_and_grad(loss)
+
+        def v_lgf(p, s):
+            _, g = vg(p, s)
+            u, s = opt.update(g, s, p)
+            return p + u, s
+
+        def fresh(name):
+            p = jnp.ones(n, jnp.float32)
+            if name == "lgf":
+                # A fresh state every K steps keeps the lgf step a true step.
+                return p, opt.init(p)
+            return p, (jnp.zeros((K + 1, n), jnp.float32), jnp.zeros((), jnp.int32))
+
+        fns = {"sgd": v_sgd, "gate": v_gate, "record": v_record, "switch": v_switch}
+        fns["lgf"] = v_lgf
+        return fns, fresh
+
+    def race(fns, fresh, steps):
+        jitted = {k: jax.jit(f, donate_argnums=(0, 1)) for k, f in fns.items()}
+        states = {k: fresh(k) for k in fns}
+        times = {k: [] for k in fns}
+        for i in range(steps + K):
+            for k, f in jitted.items():
+                if k == "lgf" and i % K == 0:
+                    states[k] = fresh(k)
+                jax.block_until_ready(states[k])
                 t0 = time.perf_counter()
-                params, state = jax.block_until_ready(full(params, state))
-                out["full"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                u, ustate = jax.block_until_ready(upd(grads, ustate, p_fixed))
-                out["update"].append(time.perf_counter() - t0)
-        # Drop the first round (compilation) and take medians.
-        return {k: statistics.median(v[K:]) for k, v in out.items()}
+                states[k] = jax.block_until_ready(f(*states[k]))
+                times[k].append(time.perf_counter() - t0)
+        # The first K rounds include compilation.
+        return {k: statistics.median(v[K:]) for k, v in times.items()}
 
-    base = timings(optax.sgd(lr), use_lgf=False)
-    rec = timings(
-        _lgf_factory()(
-            optax.sgd(lr),
-            history_size=K,
-            retrain_interval=2 * K,
-            dt=lr,
-            rank=RANK,
-            poly_order=DEGREE,
-        ),
-        use_lgf=True,
-    )
+    ladder = race(*variants(make_loss(0)), repeats)
+    costly = {}
+    for m in (16, 64):
+        fns, fresh = variants(make_loss(m))
+        t = race({k: fns[k] for k in ("sgd", "lgf")}, fresh, max(K, repeats // 2))
+        costly[m] = {"sgd_s": t["sgd"], "lgf_s": t["lgf"]}
     return {
         "n": n,
-        "sgd_full_s": base["full"],
-        "lgf_true_full_s": rec["full"],
-        "sgd_update_s": base["update"],
-        "lgf_true_update_s": rec["update"],
+        "ladder_s": ladder,
+        "sgd_full_s": ladder["sgd"],
+        "lgf_true_full_s": ladder["lgf"],
+        "block_objective": costly,
         "peak_rss_mib": _peak_mib(),
     }
 
@@ -401,17 +471,16 @@ def main():
     c = _run(["compile"])
     print()
     if o:
-        print(f"recording overhead at n={n_over:.0e} (true steps, median):")
-        print(
-            f"  update only : sgd {1e3 * o['sgd_update_s']:.3f} ms, "
-            f"lgf {1e3 * o['lgf_true_update_s']:.3f} ms, "
-            f"ratio {o['lgf_true_update_s'] / o['sgd_update_s']:.2f}"
-        )
-        print(
-            f"  whole step  : sgd {1e3 * o['sgd_full_s']:.3f} ms, "
-            f"lgf {1e3 * o['lgf_true_full_s']:.3f} ms, "
-            f"ratio {o['lgf_true_full_s'] / o['sgd_full_s']:.2f}"
-        )
+        print(f"recording overhead at n={n_over:.0e} (true steps, whole training step, median):")
+        sgd_s = o["ladder_s"]["sgd"]
+        print("  profile ladder (each row adds one piece of the true step):")
+        for name, t in o["ladder_s"].items():
+            print(f"    {name:<7} {1e3 * t:8.3f} ms  {t / sgd_s:5.2f}x sgd")
+        for m, t in o["block_objective"].items():
+            print(
+                f"  objective 0.5|Ax|^2, {m}x{m} blocks: sgd {1e3 * t['sgd_s']:.3f} ms, "
+                f"lgf {1e3 * t['lgf_s']:.3f} ms, ratio {t['lgf_s'] / t['sgd_s']:.2f}"
+            )
     if c:
         adam = (
             "skipped (" + c.get("lgf_adam_missing", "") + ")"
