@@ -165,6 +165,7 @@ def lgf_adam(
     rank: int | None = None,
     center: bool = False,
     threshold: float = 1e-8,
+    relative_threshold: bool = False,
     alpha: float = 1e-6,
     max_iter: int = 20,
     normalize_columns: bool = True,
@@ -214,6 +215,10 @@ def lgf_adam(
       The moments always live in full space.
     - `threshold`, `alpha`, `max_iter`, `normalize_columns`, `unbias`: STLSQ, see
       `lgfjax.stlsq`.
+    - `relative_threshold`: measure `threshold` in units of the targets' typical
+      column norm instead of absolutely. With `normalize_columns` a term is then
+      dropped when it contributes less than `threshold` of the target's size, so
+      the fit does not empty as the iterates slow down near a minimum.
     - `solver`, `substeps`, `stepsize_controller`, `max_steps`: the diffrax solve of
       each surrogate step (initial step ``dt / substeps``).
     - `max_step_ratio`: trust-region factor, or None for no bound.
@@ -264,6 +269,7 @@ def lgf_adam(
         poly_order=poly_order,
         dt=dt,
         threshold=threshold,
+        relative_threshold=relative_threshold,
         alpha=alpha,
         max_iter=max_iter,
         solver=solver,
@@ -288,6 +294,7 @@ def lgf_adam(
         weak_width=None,
         weak_power=4,
         threshold=threshold,
+        relative_threshold=relative_threshold,
         alpha=alpha,
         max_iter=max_iter,
         normalize_columns=normalize_columns,

@@ -49,6 +49,7 @@ class FitConfig:
     weak_width: int | None
     weak_power: int
     threshold: float
+    relative_threshold: bool  # threshold relative to the targets' typical column norm
     alpha: float
     max_iter: int
     normalize_columns: bool
@@ -112,9 +113,16 @@ def fit_flow(cfg: FitConfig, trajectory, gradients, dt, dtype) -> Fit:
     finite_traj = finite_traj & jnp.all(jnp.isfinite(target))
     target = jnp.where(finite_traj, target, 0.0)
 
-    coef = stlsq(
+    scale_t = jnp.ones((), dtype)
+    if cfg.relative_threshold:
+        # STLSQ is linear in the targets for a fixed support, so fitting targets of
+        # unit typical column norm and scaling back thresholds relative to that
+        # norm: the fit keeps its terms as the iterates' velocities shrink.
+        norm = jnp.linalg.norm(target) / jnp.sqrt(target.shape[1])
+        scale_t = jnp.where(norm > 0, norm, 1.0).astype(dtype)
+    coef = scale_t * stlsq(
         features,
-        target,
+        target / scale_t,
         threshold=cfg.threshold,
         alpha=cfg.alpha,
         max_iter=cfg.max_iter,

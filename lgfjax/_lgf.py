@@ -409,6 +409,7 @@ def validate_flow_options(
     poly_order,
     dt,
     threshold,
+    relative_threshold,
     alpha,
     max_iter,
     solver,
@@ -422,6 +423,8 @@ def validate_flow_options(
     check_positive_int("poly_order", poly_order)
     check_positive("dt", dt)
     check_nonnegative("threshold", threshold)
+    if not isinstance(relative_threshold, bool):
+        raise ValueError(f"`relative_threshold` must be True or False, got {relative_threshold!r}.")
     check_nonnegative("alpha", alpha)
     check_positive_int("max_iter", max_iter)
     if not isinstance(solver, diffrax.AbstractSolver):
@@ -455,6 +458,7 @@ def lgf(
     weak_width: int | None = None,
     weak_power: int = 4,
     threshold: float = 1e-8,
+    relative_threshold: bool = False,
     alpha: float = 1e-6,
     max_iter: int = 20,
     normalize_columns: bool = True,
@@ -506,6 +510,10 @@ def lgf(
       `weak_power`).
     - `threshold`, `alpha`, `max_iter`, `normalize_columns`, `unbias`: STLSQ, see
       `lgfjax.stlsq`.
+    - `relative_threshold`: measure `threshold` in units of the targets' typical
+      column norm instead of absolutely. With `normalize_columns` a term is then
+      dropped when it contributes less than `threshold` of the target's size, so
+      the fit does not empty as the iterates slow down near a minimum.
     - `solver`, `substeps`, `stepsize_controller`, `max_steps`: the diffrax solve of
       each surrogate step (initial step ``dt / substeps``).
     - `max_step_ratio`: trust-region factor, or None for no bound.
@@ -554,6 +562,7 @@ def lgf(
         poly_order=poly_order,
         dt=dt,
         threshold=threshold,
+        relative_threshold=relative_threshold,
         alpha=alpha,
         max_iter=max_iter,
         solver=solver,
@@ -585,6 +594,7 @@ def lgf(
         weak_width=weak_width,
         weak_power=weak_power,
         threshold=threshold,
+        relative_threshold=relative_threshold,
         alpha=alpha,
         max_iter=max_iter,
         normalize_columns=normalize_columns,

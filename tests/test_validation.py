@@ -24,6 +24,7 @@ BASE = dict(history_size=10, retrain_interval=20, dt=0.1)
         ({"dt": 0.0}, "dt", "0.0"),
         ({"dt": -1e-3}, "dt", "-0.001"),
         ({"threshold": -1e-3}, "threshold", "-0.001"),
+        ({"relative_threshold": 1}, "relative_threshold", "1"),
         ({"alpha": -1.0}, "alpha", "-1.0"),
         ({"max_iter": 0}, "max_iter", "0"),
         ({"fd_order": 3}, "fd_order", "3"),

@@ -1,0 +1,95 @@
+"""`relative_threshold`: STLSQ's threshold in units of the targets' size.
+
+With an absolute threshold, every coefficient of a converging run eventually falls
+below it (the iterates' velocities shrink towards the minimum), the fit keeps no
+term and each later cycle falls back to true steps. Measured relative to the
+targets, the threshold means the same thing at every scale.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from problems import quadratic, run
+
+import lgfjax
+from lgfjax._fit import EMPTY_MODEL, OK, FitConfig, fit_flow
+
+
+def config(threshold, relative):
+    return FitConfig(
+        history_size=10,
+        degree=2,
+        include_bias=True,
+        rank=None,
+        center=False,
+        derivative="strong",
+        fd_order=2,
+        weak_width=None,
+        weak_power=4,
+        threshold=threshold,
+        relative_threshold=relative,
+        alpha=1e-6,
+        max_iter=20,
+        normalize_columns=True,
+        unbias=True,
+    )
+
+
+def trajectory():
+    # Gradient-descent iterates on a 2-d quadratic with curvatures 1 and 3.
+    x = np.array([1.0, -0.5])
+    rows = []
+    for _ in range(11):
+        rows.append(x.copy())
+        x = x - 0.1 * np.array([1.0, 3.0]) * x
+    return jnp.asarray(np.stack(rows))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-4, 1e-8])
+def test_relative_threshold_is_scale_free(scale):
+    # Scaling the iterates scales the velocities and (degree 2) changes the
+    # library's columns; unit-norm columns absorb the latter, so with a relative
+    # threshold the same terms survive at every scale, and the linear terms stay
+    # the exact rates of the linear flow.
+    reference = fit_flow(config(0.05, True), trajectory(), None, 0.1, jnp.float64)
+    fit = fit_flow(config(0.05, True), scale * trajectory(), None, 0.1, jnp.float64)
+    assert int(fit.status) == OK
+    np.testing.assert_array_equal(fit.coefficients != 0, reference.coefficients != 0)
+    # Rows 1, 2 of the library are x0, x1: the flow is dx_i/dt ~ -c_i x_i.
+    np.testing.assert_allclose(
+        np.diag(np.asarray(fit.coefficients[1:3])),
+        np.diag(np.asarray(reference.coefficients[1:3])),
+        rtol=1e-6,
+    )
+
+
+def test_absolute_threshold_empties_small_trajectories():
+    fit = fit_flow(config(0.05, False), 1e-4 * trajectory(), None, 0.1, jnp.float64)
+    assert int(fit.status) == EMPTY_MODEL
+    assert int(fit.active) == 0
+
+
+@pytest.mark.parametrize("threshold", [1e-3, 0.1])
+def test_converging_run_keeps_its_surrogate_phases(threshold):
+    problem = quadratic(4, 10.0)
+
+    def make(relative):
+        return lgfjax.lgf(
+            optax.sgd(problem.lr),
+            history_size=10,
+            retrain_interval=40,
+            dt=problem.lr,
+            threshold=threshold,
+            relative_threshold=relative,
+        )
+
+    _, absolute, abs_losses = run(make(False), problem, 400)
+    _, relative, rel_losses = run(make(True), problem, 400)
+    # Absolute: once the iterates are small the fit keeps nothing and cycles fall back.
+    assert int(absolute.status) == EMPTY_MODEL and int(absolute.fallbacks) >= 3
+    # Relative: every cycle fits and uses its surrogate phase (10 of 40 steps true).
+    assert int(relative.fallbacks) == 0
+    assert lgfjax.gradient_evaluations(relative) == 100
+    assert lgfjax.gradient_evaluations(absolute) > 250
+    assert rel_losses[-1] <= abs_losses[-1]
