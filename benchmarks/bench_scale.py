@@ -186,6 +186,44 @@ def scale_worker(n: int, repeats: int, buffer_dtype: str | None):
     }
 
 
+def _profile_true_steps(step, state, steps=15):
+    """Per-operation time of `steps` true steps, from a `jax.profiler` trace.
+
+    Returns ``{name: microseconds per step}`` for the XLA operations (fusions,
+    conditionals, loops) of the compiled step, or ``{}`` if no trace was written.
+    """
+    import glob
+    import gzip
+    import shutil
+    import tempfile
+    from collections import defaultdict
+
+    import jax
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    state = jax.block_until_ready(step(*state))  # compile outside the trace
+    folder = tempfile.mkdtemp()
+    try:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(steps):
+                state = jax.block_until_ready(step(*state))
+        files = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
+        if not files:
+            return {}
+        with gzip.open(files[0]) as f:
+            trace = json.load(f)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    totals = defaultdict(float)
+    for e in events:
+        name = e.get("name", "")
+        # XLA's own operations; the rest are Python and runtime frames.
+        if e.get("ph") == "X" and re.match(r"^[a-z][\w.\-]*\.?\d*$", name) and "$" not in name:
+            totals[name] += e["dur"] / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def overhead_worker(n: int, repeats: int):
     """True steps of `lgf(optax.sgd)` against plain sgd, with a profile ladder.
 
@@ -305,6 +343,8 @@ def overhead_worker(n: int, repeats: int):
         return {k: statistics.median(v[K:]) for k, v in times.items()}
 
     ladder = race(*variants(make_loss(0)), repeats)
+    fns, fresh = variants(make_loss(0))
+    profile = {k: _profile_true_steps(fns[k], fresh(k)) for k in ("sgd", "lgf")}
     costly = {}
     for m in (16, 64):
         fns, fresh = variants(make_loss(m))
@@ -316,6 +356,7 @@ def overhead_worker(n: int, repeats: int):
         "sgd_full_s": ladder["sgd"],
         "lgf_true_full_s": ladder["lgf"],
         "block_objective": costly,
+        "profile_us": profile,
         "peak_rss_mib": _peak_mib(),
     }
 
@@ -476,6 +517,11 @@ def main():
         print("  profile ladder (each row adds one piece of the true step):")
         for name, t in o["ladder_s"].items():
             print(f"    {name:<7} {1e3 * t:8.3f} ms  {t / sgd_s:5.2f}x sgd")
+        for kind, ops in o["profile_us"].items():
+            if ops:
+                print(f"  profile of a {kind} step (jax.profiler; us per step; nested ops repeat):")
+                for name, us in list(ops.items())[:7]:
+                    print(f"    {us:8.1f}  {name}")
         for m, t in o["block_objective"].items():
             print(
                 f"  objective 0.5|Ax|^2, {m}x{m} blocks: sgd {1e3 * t['sgd_s']:.3f} ms, "
