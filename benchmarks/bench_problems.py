@@ -30,25 +30,17 @@ import optax  # noqa: E402
 import lgfjax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from problems import (  # noqa: E402
-    evaluations_to_reach,
-    logistic_regression,
-    mlp_regression,
-    oscillatory,
-    rosenbrock,
-    rotated_quadratic,
-    trace,
-    trace_base,
-)
+from problems import evaluations_to_reach, safeguard_set, trace, trace_base  # noqa: E402
 
-# (problem, gradient-descent steps N, K, M, rank)
-CASES = [
-    (rotated_quadratic(n=6, condition=1e4, seed=0), 3000, 20, 60, None),
-    (rosenbrock(), 3000, 20, 60, None),
-    (mlp_regression(), 2000, 20, 60, None),
-    (logistic_regression(), 300, 10, 30, None),
-    (oscillatory(), 400, 20, 60, None),
+# Per problem of the shared set: gradient-descent steps N, K, M, rank.
+SIZES = [
+    (3000, 20, 60, None),  # ill-conditioned quadratic
+    (3000, 20, 60, None),  # Rosenbrock
+    (2000, 20, 60, None),  # tanh network
+    (300, 10, 30, None),  # logistic regression
+    (400, 20, 60, None),  # rippled bowl
 ]
+CASES = [(problem, *size) for problem, size in zip(safeguard_set(), SIZES)]
 
 VARIANTS = {
     "fixed": {},

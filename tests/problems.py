@@ -206,3 +206,17 @@ def evaluations_to_reach(losses, evals, target):
     """True evaluations spent when the loss first reaches `target` (None if never)."""
     hit = np.nonzero(np.asarray(losses) <= target)[0]
     return None if hit.size == 0 else int(np.asarray(evals)[hit[0]])
+
+
+def safeguard_set() -> list[Problem]:
+    """The five problems of the safeguard study, in order: an ill-conditioned quadratic
+    (cond 1e4), Rosenbrock, a tanh network, logistic regression, and a rippled bowl on
+    which the learned flow is known to be poor. `benchmarks/bench_problems.py` runs
+    them at full size, `tests/test_problem_set.py` reduced."""
+    return [
+        rotated_quadratic(n=6, condition=1e4, seed=0),
+        rosenbrock(),
+        mlp_regression(),
+        logistic_regression(),
+        oscillatory(),
+    ]
