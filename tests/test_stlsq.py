@@ -292,6 +292,30 @@ def test_float32_dual_minnorm_refit_keeps_small_singular_values():
     np.testing.assert_allclose(dual, exact, rtol=0, atol=1e-3 * np.abs(exact).max())
 
 
+@pytest.mark.parametrize("cond", [1e2, 1e3, 1e4])
+def test_float32_dual_minnorm_without_x64_uses_singular_values_not_squares(cond):
+    """Without x64 the float32 dual refit cannot move to float64; it goes through a QR
+    of ``X_m^T`` instead of the kernel ``X_m X_m^T``, whose eigendecomposition loses
+    every singular value below ~1e-3 of the largest (relative error ~1 at cond 1e3)."""
+    rng = np.random.default_rng(int(np.log10(cond)))
+    n_rows, n_feat, d = 12, 40, 4
+    u, _ = np.linalg.qr(rng.normal(size=(n_rows, n_rows)))
+    v, _ = np.linalg.qr(rng.normal(size=(n_feat, n_rows)))
+    x = (u * np.logspace(0, -np.log10(cond), n_rows)) @ v.T
+    y = rng.normal(size=(n_rows, d))
+    masks = rng.random((d, n_feat)) < 0.8
+    exact = np.zeros((d, n_feat))
+    for j in range(d):
+        exact[j, masks[j]] = np.linalg.pinv(x[:, masks[j]], rcond=1e-9) @ y[:, j]
+    with jax.enable_x64(False):
+        got = jax.jit(_stlsq._dual_solve, static_argnums=3)(
+            jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), jnp.asarray(masks), None
+        )
+        assert got.dtype == jnp.float32
+    err = np.max(np.abs(np.asarray(got, np.float64) - exact)) / np.max(np.abs(exact))
+    assert err <= 1e-5 * cond, err
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
