@@ -11,7 +11,7 @@ from jaxtyping import Array, Int
 from ._fit import FitConfig
 from ._flow import RK4, integrate
 from ._lgf import _check_adaptive, make_transformation, validate_flow_options, validate_schedule
-from ._validate import _concrete, check_nonnegative, check_positive
+from ._validate import _concrete, check_bool, check_nonnegative, check_positive
 
 
 class AdamState(NamedTuple):
@@ -69,10 +69,6 @@ def adam_base(learning_rate, b1, b2, eps, amsgrad: bool):
         return updates, AdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return init, update
-
-
-def _cast_like(tree, like):
-    return jax.tree_util.tree_map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
 def adam_surrogate(
@@ -135,17 +131,17 @@ def adam_surrogate(
         if nu_max0 is not None:
             # The running max is over the bias-corrected v at the step's end, as in optax.
             c2 = 1 - b2 ** (count0 + jnp.asarray(dt, dtype) / eta)
-            nu_max = _cast_like(
+            nu_max = optax.tree.cast_like(
                 jax.tree_util.tree_map(lambda vm, v: jnp.maximum(vm, v / c2), nu_max0, v1),
                 base_state.nu_max,
             )
         new_state = AdamState(
             count=count,
-            mu=_cast_like(m1, base_state.mu),
-            nu=_cast_like(v1, base_state.nu),
+            mu=optax.tree.cast_like(m1, base_state.mu),
+            nu=optax.tree.cast_like(v1, base_state.nu),
             nu_max=nu_max,
         )
-        updates = _cast_like(jax.tree_util.tree_map(lambda x1, x0: x1 - x0, a1, y0[0]), params)
+        updates = optax.tree.cast_like(optax.tree.sub(a1, y0[0]), params)
         return updates, new_state, ok
 
     return surrogate_fn
@@ -259,8 +255,7 @@ def lgf_adam(
         if _concrete(value) and not 0.0 <= float(value) < 1.0:
             raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
     check_nonnegative("eps", eps)
-    if not isinstance(amsgrad, bool):
-        raise ValueError(f"`amsgrad` must be True or False, got {amsgrad!r}.")
+    check_bool("amsgrad", amsgrad)
     if dt is None:
         dt = learning_rate
     # A linear gradient model needs at least two (iterate, gradient) pairs.

@@ -59,7 +59,6 @@ class FitConfig:
 class Fit(NamedTuple):
     coefficients: Float[Array, "P r"]
     basis: object  # pytree of (r, *shape) leaves, or None in full space
-    coords: Float[Array, "K1 r"]  # trajectory in the flow's coordinates
     energy: Float[Array, ""]
     residual: Float[Array, ""]
     active: Int[Array, ""]
@@ -142,4 +141,4 @@ def fit_flow(cfg: FitConfig, trajectory, gradients, dt, dtype) -> Fit:
         ),
     ).astype(jnp.int32)
     coef = jnp.where(status == OK, coef, 0.0)
-    return Fit(coef, basis, coords, energy.astype(dtype), residual, active, status)
+    return Fit(coef, basis, energy.astype(dtype), residual, active, status)

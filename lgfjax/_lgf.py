@@ -25,6 +25,7 @@ from ._flow import RK4, PolynomialFlow, integrate
 from ._library import library_size
 from ._pod import gathered, placed_like, tree_lift, tree_project
 from ._validate import (
+    check_bool,
     check_choice,
     check_nonnegative,
     check_positive,
@@ -83,8 +84,7 @@ class SurrogateModel(NamedTuple):
 
     def lift(self, dz, like):
         if self.basis is None:
-            lifted = jax.tree_util.tree_map(lambda u, p: u.astype(p.dtype), self.unravel(dz), like)
-            return placed_like(lifted, like)
+            return placed_like(optax.tree.cast_like(self.unravel(dz), like), like)
         return tree_lift(self.basis, dz, like)
 
 
@@ -98,10 +98,6 @@ def _zeros_along(leaf, rows: int, dtype):
     return zeros
 
 
-def _tree_where(pred, a, b):
-    return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
 def _fit_dtype(params):
     dtypes = [jnp.result_type(leaf) for leaf in jax.tree_util.tree_leaves(params)]
     return jnp.result_type(np.float32, *dtypes)
@@ -110,11 +106,9 @@ def _fit_dtype(params):
 def _last_step_length(trajectory, dtype):
     # The surrogate continues from the last recorded iterate, so the last true step
     # is the natural scale for how far one surrogate step may go.
-    sq = sum(
-        jnp.sum(jnp.square(leaf[-1].astype(dtype) - leaf[-2].astype(dtype)))
-        for leaf in jax.tree_util.tree_leaves(trajectory)
+    return optax.tree.norm(
+        jax.tree_util.tree_map(lambda b: b[-1].astype(dtype) - b[-2].astype(dtype), trajectory)
     )
-    return jnp.sqrt(sq)
 
 
 def make_transformation(
@@ -207,10 +201,10 @@ def make_transformation(
             def unravel(v):
                 return unravel_flat(v.astype(flat_params.dtype))
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, updates)
+        zeros = optax.tree.zeros_like(updates)
 
         def as_updates(tree):
-            return jax.tree_util.tree_map(lambda u, z: u.astype(z.dtype), tree, zeros)
+            return optax.tree.cast_like(tree, updates)
 
         # The (K + 1, n) buffers never pass through the switch: a branch that returns
         # an operand unchanged makes XLA copy it, which would cost O(K n) per step.
@@ -245,7 +239,7 @@ def make_transformation(
             return (
                 jnp.asarray(True),
                 fit.coefficients.astype(dtype),
-                jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), fit.basis, carry[2]),
+                optax.tree.cast_like(fit.basis, carry[2]),
                 bound.astype(dtype),
                 fit.residual.astype(dtype),
                 fit.active.astype(jnp.int32),
@@ -301,8 +295,8 @@ def make_transformation(
             code = jnp.where((code == OK) & ~jnp.isfinite(length), NONFINITE_STEP, code)
             code = jnp.where((code == OK) & (length > state.step_bound), STEP_TOO_LARGE, code)
             ok = code == OK
-            step = _tree_where(ok, step, zeros)
-            base_state = _tree_where(ok, base_state, state.base_state)
+            step = optax.tree.where(ok, step, zeros)
+            base_state = optax.tree.where(ok, base_state, state.base_state)
             if not checking:
                 return (
                     as_updates(step),
@@ -328,8 +322,8 @@ def make_transformation(
             keep = do_check & passed
             roll_back = ~ok | (do_check & ~passed)
             anchor_params, anchor_base = state.anchor
-            step = _tree_where(roll_back, optax.tree.sub(anchor_params, params), step)
-            base_state = _tree_where(roll_back, anchor_base, base_state)
+            step = optax.tree.where(roll_back, optax.tree.sub(anchor_params, params), step)
+            base_state = optax.tree.where(roll_back, anchor_base, base_state)
             code = jnp.where(ok & roll_back, VALUE_REJECTED, code)
             state = state._replace(
                 base_state=base_state,
@@ -338,7 +332,7 @@ def make_transformation(
                 rejected=state.rejected + jnp.where(roll_back, since, 0),
                 since_check=jnp.where(keep | roll_back, 0, since),
                 reference_loss=jnp.where(keep, loss, ref),
-                anchor=_tree_where(keep, (candidate, base_state), state.anchor),
+                anchor=optax.tree.where(keep, (candidate, base_state), state.anchor),
             )
             return as_updates(step), state, code
 
@@ -423,8 +417,7 @@ def validate_flow_options(
     check_positive_int("poly_order", poly_order)
     check_positive("dt", dt)
     check_nonnegative("threshold", threshold)
-    if not isinstance(relative_threshold, bool):
-        raise ValueError(f"`relative_threshold` must be True or False, got {relative_threshold!r}.")
+    check_bool("relative_threshold", relative_threshold)
     check_nonnegative("alpha", alpha)
     check_positive_int("max_iter", max_iter)
     if not isinstance(solver, diffrax.AbstractSolver):
@@ -486,9 +479,9 @@ def lgf(
 
     Safeguards cost no gradient: a fit that is not finite or keeps no term, a diffrax
     failure, a non-finite step, or a step longer than `max_step_ratio` times the
-    longest recorded true step abandons the surrogate phase; that update is zero and
-    the rest of the cycle takes true steps. The reason is kept in ``state.status``.
-    (The trust region is measured against the last true step, in parameter space.)
+    last recorded true step (in parameter space) abandons the surrogate phase; that
+    update is zero and the rest of the cycle takes true steps. The reason is kept in
+    ``state.status``.
     With `check_every`, the loss is also checked through the extra argument
     `value_fn` every `check_every` surrogate steps and at the end of the phase (no
     gradient); a rise rolls back to the last accepted point.
@@ -633,8 +626,7 @@ def lgf(
 
 
 def _check_adaptive(adaptive, max_surrogate_steps, default_steps):
-    if not isinstance(adaptive, bool):
-        raise ValueError(f"`adaptive` must be True or False, got {adaptive!r}.")
+    check_bool("adaptive", adaptive)
     if max_surrogate_steps is None:
         return max(1, 4 * default_steps)
     check_positive_int("max_surrogate_steps", max_surrogate_steps, max(1, default_steps))

@@ -10,7 +10,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Int
 
-from ._state import _placeholder, needs_gradient
+from ._state import when_needed
 from ._validate import check_positive
 
 
@@ -160,20 +160,4 @@ def value_and_newton_direction(
     assert jnp.allclose(params, 1.0, atol=1e-3)
     ```
     """
-    direction_fn = newton_direction(fun, solver=solver, tags=tags)
-
-    def wrapped(params, state, *args, **kwargs):
-        def evaluate(operands):
-            p, a, k = operands
-            return direction_fn(p, *a, **k)
-
-        def skip(operands):
-            p, a, k = operands
-            value_shape, direction_shape = jax.eval_shape(direction_fn, p, *a, **k)
-            value = _placeholder(value_shape, jnp.nan)
-            direction = jax.tree_util.tree_map(lambda s: _placeholder(s, 0.0), direction_shape)
-            return value, direction
-
-        return jax.lax.cond(needs_gradient(state), evaluate, skip, (params, args, kwargs))
-
-    return wrapped
+    return when_needed(newton_direction(fun, solver=solver, tags=tags))

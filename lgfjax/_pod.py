@@ -58,10 +58,9 @@ def pod(
             f"`rank` must be in [1, {snapshots.shape[0]}] for {snapshots.shape[0]} "
             f"snapshots, got {rank!r}."
         )
-    v, s, energy = gram_modes(snapshots @ snapshots.T, rank)
-    inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-    basis = (snapshots.T @ v) * inv
-    return basis, v * s, energy
+    v, s, energy = gram_modes(tree_gram(snapshots, snapshots.dtype), rank)
+    basis = tree_basis(snapshots, v, s, snapshots.dtype)
+    return basis.T, v * s, energy
 
 
 # Pytree versions used by the optimiser: snapshots are pytrees whose leaves carry a
@@ -134,18 +133,16 @@ def explicit_out_sharding(tree):
     The output shardings `jax.sharding.auto_axes` needs to return a state laid out
     like `tree` together with a replicated flag; None without explicit sharding.
     """
-    leaves = jax.tree_util.tree_leaves(tree)
-    found = [_explicit_spec(x) for x in leaves]
-    meshes = [f[0] for f in found if f is not None]
-    if not meshes:
+    found = [_explicit_spec(x) for x in jax.tree_util.tree_leaves(tree)]
+    mesh = next((f[0] for f in found if f is not None), None)
+    if mesh is None:
         return None
-    mesh = meshes[0]
-    specs = [PartitionSpec() if f is None else f[1] for f in found]
-    shardings = [jax.sharding.NamedSharding(mesh, spec) for spec in specs]
-    treedef = jax.tree_util.tree_structure(tree)
-    return jax.tree_util.tree_unflatten(treedef, shardings), jax.sharding.NamedSharding(
-        mesh, PartitionSpec()
-    )
+
+    def like(x):
+        spec = _explicit_spec(x)
+        return jax.sharding.NamedSharding(mesh, PartitionSpec() if spec is None else spec[1])
+
+    return jax.tree_util.tree_map(like, tree), jax.sharding.NamedSharding(mesh, PartitionSpec())
 
 
 def _contract(subscripts, a, b):
@@ -175,11 +172,7 @@ def tree_basis(snapshots, v: Float[Array, "K r"], s: Float[Array, " r"], dtype):
 
 def tree_project(basis, tree, dtype) -> Float[Array, " r"]:
     """Modal coordinates ``U^T x`` of a pytree ``x`` (a sum of per-leaf contractions)."""
-    parts = [
-        _contract("rn,n->r", _flat2(b).astype(dtype), leaf.reshape(-1).astype(dtype))
-        for b, leaf in zip(jax.tree_util.tree_leaves(basis), jax.tree_util.tree_leaves(tree))
-    ]
-    return sum(parts[1:], parts[0])
+    return tree_project_rows(basis, jax.tree_util.tree_map(lambda x: x[None], tree), dtype)[0]
 
 
 def tree_project_rows(basis, snapshots, dtype) -> Float[Array, "K r"]:

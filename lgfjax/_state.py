@@ -108,20 +108,28 @@ def value_and_grad(fun: Callable, *, has_aux: bool = False) -> Callable:
     assert value == 2.0 and grads.tolist() == [2.0, 2.0]
     ```
     """
-    vg = jax.value_and_grad(fun, has_aux=has_aux)
+    return when_needed(jax.value_and_grad(fun, has_aux=has_aux))
+
+
+def when_needed(fn: Callable) -> Callable:
+    """``fn(params, *args, **kwargs) -> (value, result)`` gated on `needs_gradient`.
+
+    Returns ``(params, state, *args, **kwargs) -> (value, result)`` that runs `fn`
+    inside `jax.lax.cond` only when the optimiser state asks for a true step; otherwise
+    the value tree is NaN and the result tree zeros, of the same shapes.
+    """
 
     def wrapped(params, state, *args, **kwargs):
         def evaluate(operands):
             p, a, k = operands
-            return vg(p, *a, **k)
+            return fn(p, *a, **k)
 
         def skip(operands):
             p, a, k = operands
-            shapes = jax.eval_shape(vg, p, *a, **k)
-            (value_shapes, grad_shapes) = shapes
+            value_shapes, result_shapes = jax.eval_shape(fn, p, *a, **k)
             value = jax.tree_util.tree_map(lambda s: _placeholder(s, jnp.nan), value_shapes)
-            grads = jax.tree_util.tree_map(lambda s: _placeholder(s, 0.0), grad_shapes)
-            return value, grads
+            result = jax.tree_util.tree_map(lambda s: _placeholder(s, 0.0), result_shapes)
+            return value, result
 
         return jax.lax.cond(needs_gradient(state), evaluate, skip, (params, args, kwargs))
 

@@ -27,6 +27,11 @@ def check_positive(name: str, value) -> None:
         _fail(name, value, "a number > 0")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        _fail(name, value, "True or False")
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         _fail(name, value, f"one of {tuple(choices)!r}")
