@@ -36,6 +36,7 @@ import lgfjax  # noqa: E402
 # coefficients 15 x 4, coordinates) has dimensions below 32.
 SHARDED_DIMS = (128, 256)
 STEPS = 48  # two full cycles and part of a third
+ULP = 1 + 4 * float(np.finfo(np.float64).eps)
 
 
 def problem():
@@ -51,6 +52,8 @@ def problem():
         "w": jnp.asarray(rng.normal(size=(128, 16))),
         "b": jnp.asarray(rng.normal(size=(256,))),
     }
+    if os.environ.get("LGFJAX_TEST_PERTURB") == "1":  # pytest --perturb
+        params = {k: v * ULP for k, v in params.items()}
 
     def loss(p):
         # Separable quadratic plus a quartic, so the fitted flow is not trivial.
@@ -93,6 +96,13 @@ def main():
             true_phase = params
     reference = params
     ref_evals = int(state.gradient_evaluations)
+    # The same unsharded run from a start 4 ulps away: how far the fits amplify a
+    # rounding-sized change (the yardstick for the sharded run's different sums).
+    nudged, nstate = jax.tree_util.tree_map(lambda v: v * ULP, params0), None
+    nstate = opt.init(nudged)
+    for i in range(STEPS):
+        nudged, nstate, _ = jstep(nudged, nstate)
+    rounding_diff = max(float(jnp.max(jnp.abs(nudged[k] - reference[k]))) for k in nudged)
 
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
     shardings = {"w": NamedSharding(mesh, P("x", None)), "b": NamedSharding(mesh, P("x"))}
@@ -156,6 +166,7 @@ def main():
                 "shardings_kept": kept,
                 "first_phase_diff": first_phase_diff,
                 "max_abs_diff": diff,
+                "rounding_diff": rounding_diff,
                 "scale": scale,
                 "gradient_evaluations": int(state.gradient_evaluations),
                 "reference_gradient_evaluations": ref_evals,

@@ -13,3 +13,21 @@ from pathlib import Path  # noqa: E402
 
 # Let test modules import the shared problems as `problems` or `tests.problems`.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--perturb",
+        action="store_true",
+        help="rerun with the shared problems' inputs scaled by (1 + 4 eps) of their dtype "
+        "(tests/problems.perturb); a machine-independence check for -m numerics tests",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--perturb"):
+        import problems
+
+        problems.PERTURB = True
+        # Subprocess scripts (tests/_sharded_run.py, _explicit_run.py) read this.
+        os.environ["LGFJAX_TEST_PERTURB"] = "1"

@@ -1,11 +1,32 @@
 """Shared test problems with known minima, used by tests and benchmarks."""
 
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Set by `pytest --perturb` (tests/conftest.py): every problem's starting point and
+# data are scaled by (1 + PERTURB_ULPS eps) of their dtype, a change of a few ulps
+# that a test resting on the numerics (not on one machine's rounding) must survive.
+PERTURB = os.environ.get("LGFJAX_TEST_PERTURB") == "1"
+PERTURB_ULPS = 4
+
+
+def perturb(tree):
+    """`tree` scaled by ``1 + 4 eps`` of each leaf's dtype under ``--perturb``, else as is."""
+    if not PERTURB:
+        return tree
+
+    def scale(x):
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return (x * (1 + PERTURB_ULPS * jnp.finfo(x.dtype).eps)).astype(x.dtype)
+
+    return jax.tree_util.tree_map(scale, tree)
 
 
 class Problem(NamedTuple):
@@ -18,11 +39,11 @@ class Problem(NamedTuple):
 
 def quadratic(n: int = 2, condition: float = 4.0, dtype=jnp.float64) -> Problem:
     """``0.5 * sum(d_i x_i^2)`` with eigenvalues log-spaced in ``[1, condition]``."""
-    d = jnp.asarray(np.logspace(0, np.log10(condition), n), dtype)
+    d = perturb(jnp.asarray(np.logspace(0, np.log10(condition), n), dtype))
     return Problem(
         f"quadratic(n={n}, cond={condition:g})",
         lambda x: 0.5 * jnp.sum(d * x**2),
-        jnp.ones(n, dtype),
+        perturb(jnp.ones(n, dtype)),
         jnp.zeros(n, dtype),
         float(0.5 / condition),
     )
@@ -32,8 +53,9 @@ def rotated_quadratic(n: int = 4, condition: float = 1e4, seed: int = 0) -> Prob
     """An ill-conditioned quadratic in a random orthonormal basis, minimum at ``c``."""
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    h = jnp.asarray(q @ np.diag(np.logspace(0, np.log10(condition), n)) @ q.T)
-    c = jnp.asarray(rng.normal(size=n))
+    h = perturb(jnp.asarray(q @ np.diag(np.logspace(0, np.log10(condition), n)) @ q.T))
+    # x0 is zero, which no scaling perturbs: the minimum (the data) carries it.
+    c = perturb(jnp.asarray(rng.normal(size=n)))
     return Problem(
         f"rotated_quadratic(n={n}, cond={condition:g})",
         lambda x: 0.5 * (x - c) @ h @ (x - c),
@@ -47,7 +69,7 @@ def rosenbrock() -> Problem:
     return Problem(
         "rosenbrock",
         lambda x: (1.0 - x[0]) ** 2 + 100.0 * (x[1] - x[0] ** 2) ** 2,
-        jnp.array([-1.2, 1.0]),
+        perturb(jnp.array([-1.2, 1.0])),
         jnp.array([1.0, 1.0]),
         1e-3,
     )
@@ -72,6 +94,7 @@ def pytree_quadratic(dtype=jnp.float64) -> Problem:
             for s, x in zip(jax.tree_util.tree_leaves(scale), jax.tree_util.tree_leaves(p))
         )
 
+    x0, scale = perturb(x0), perturb(scale)
     return Problem("pytree_quadratic", loss, x0, jax.tree_util.tree_map(jnp.zeros_like, x0), 0.5)
 
 
@@ -88,6 +111,7 @@ def mlp_regression(seed: int = 0, hidden: int = 8, samples: int = 64) -> Problem
         "w2": 0.5 * jax.random.normal(k2, (hidden, 1)),
         "b2": jnp.zeros(1),
     }
+    params = perturb(params)
 
     def loss(p):
         h = jnp.tanh(xs @ p["w1"] + p["b1"])
@@ -134,7 +158,7 @@ def oscillatory(n: int = 2) -> Problem:
     return Problem(
         "oscillatory",
         lambda x: jnp.sum(x**2) + 0.05 * jnp.sum(1.0 - jnp.cos(20.0 * x)),
-        jnp.full((n,), 0.8),
+        perturb(jnp.full((n,), 0.8)),
         jnp.zeros(n),
         0.02,
     )
@@ -144,7 +168,7 @@ def logistic_regression(seed: int = 0, samples: int = 200, features: int = 5) ->
     """L2-regularised logistic regression on separable-ish synthetic data (strongly
     convex; the minimiser is computed numerically by Newton's method)."""
     rng = np.random.default_rng(seed)
-    a = jnp.asarray(rng.normal(size=(samples, features)))
+    a = perturb(jnp.asarray(rng.normal(size=(samples, features))))
     w_true = jnp.asarray(rng.normal(size=features))
     y = jnp.where(a @ w_true + 0.5 * jnp.asarray(rng.normal(size=samples)) > 0, 1.0, -1.0)
 

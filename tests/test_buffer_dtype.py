@@ -32,6 +32,7 @@ def dtypes(tree):
     return {leaf.dtype for leaf in jax.tree_util.tree_leaves(tree)}
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("buffer_dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("kind", ["lgf", "lgf_adam"])
 def test_low_precision_buffer_fit_in_float32(kind, buffer_dtype):
@@ -49,14 +50,30 @@ def test_low_precision_buffer_fit_in_float32(kind, buffer_dtype):
     assert dtypes(params) == {jnp.dtype(jnp.float32)}
     assert dtypes(state.trajectory) == {jnp.dtype(buffer_dtype)}
     assert state.coefficients.dtype == jnp.float32
-    # Rounding the recorded iterates costs neither a surrogate phase nor accuracy
-    # worth speaking of on this problem: every cycle still ran its surrogate steps.
-    assert lgfjax.gradient_evaluations(state) == lgfjax.gradient_evaluations(ref_state) == 24
-    assert int(state.fallbacks) == 0
-    assert losses[-1] <= 4 * ref_losses[-1]
+    # Float32 buffers: rows rounded to 6e-8 |x|, far below the smallest centred POD mode
+    # kept (rank 3), so the reference's fits are exact up to rounding and every cycle
+    # runs its 16 surrogate steps: 3 cycles x K = 8 true steps.
+    assert int(ref_state.fallbacks) == 0
+    assert lgfjax.gradient_evaluations(ref_state) == 24
+    # Low-precision buffers: each row is rounded to eps |x| (bfloat16 2^-8, float16
+    # 2^-11), and by the last cycle the third centred POD mode moves by about that
+    # much over the window, so its coordinate is partly rounding noise and the fitted
+    # linear part can get a small positive eigenvalue (seen as +0.1 for float16 with
+    # the start 4 ulps away). The spurious mode grows over the 16 surrogate steps and
+    # may cross the trust region near the end of a phase: at most one refused phase
+    # (the last cycle's), which costs at most its remaining 16 - 1 true steps.
+    evals = int(lgfjax.gradient_evaluations(state))
+    assert int(state.fallbacks) <= 1
+    assert int(state.rejected) == int(state.fallbacks)  # no value checks: one per phase
+    assert 24 <= evals <= 24 + 15 * int(state.fallbacks)
+    # A refused step is not taken, and the true steps that follow converge: the run
+    # still gains two orders of magnitude, and stays within a factor 4 of the reference
+    # (the 2^-11..2^-8 relative rounding of the origin row costs no more than that).
     assert losses[-1] < 1e-2 * losses[0]
+    assert losses[-1] <= 4 * ref_losses[-1]
 
 
+@pytest.mark.numerics
 def test_bfloat16_full_space_falls_back_but_stays_finite():
     # In full space the finite differences of bfloat16 iterates (8-bit mantissa) are
     # coarse; the trust region catches the poor flows and the run still converges.

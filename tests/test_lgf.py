@@ -59,6 +59,7 @@ def test_cycle_schedule_counts_true_evaluations(K, M, rank):
     assert phases == ([1] * K + [0] * (M - K)) * 3 + [1, 1]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("base", [optax.sgd(0.05), optax.sgd(0.02, momentum=0.9), optax.adam(0.05)])
 def test_true_steps_equal_base(base):
     # Every true step is exactly the base's update, and the base state only advances
@@ -76,6 +77,8 @@ def test_true_steps_equal_base(base):
         if bool(lgfjax.needs_gradient(s)):
             expected, shadow = base.update(g, shadow, x)
             u, s = update(g, s, x)
+            # The same base update on the same inputs, compiled in another program:
+            # equal up to XLA's fusion choices, a few ulps (1e-13 is 450 eps64).
             np.testing.assert_allclose(u, expected, rtol=1e-13, atol=1e-15)
             true_steps += 1
         else:
@@ -114,6 +117,7 @@ def _fd_rate(q, lr, fd_order):
     return (-(q**2) + 8 * q - 8 / q + q**-2) / (12 * lr)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("fd_order", [1, 2, 4])
 def test_learned_gradient_descent_flow_on_quadratic(fd_order):
     # On a quadratic gradient descent is linear, x_{k+1} = (I - lr D) x_k, so every
@@ -146,6 +150,7 @@ def test_learned_gradient_descent_flow_on_quadratic(fd_order):
     assert int(lgfjax.gradient_evaluations(state)) == K
 
 
+@pytest.mark.numerics
 def test_forward_difference_recovers_discrete_map_exactly():
     # With fd_order=1 the forward difference of GD iterates is exactly -grad, so the
     # fitted coefficients are the Hessian to rounding.
@@ -168,6 +173,7 @@ def test_forward_difference_recovers_discrete_map_exactly():
     np.testing.assert_allclose(state.coefficients[0], c, atol=1e-7)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("degree", [1, 2])
 def test_reduced_step_equals_full_space_integration_of_projected_field(degree):
     problem = rotated_quadratic(n=6, condition=10.0, seed=2)
@@ -239,6 +245,7 @@ def test_inside_optax_chain(position):
     assert isinstance(lgfjax.diagnostics(state), lgfjax.Diagnostics)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("rank", [None, 3])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_pytree_params_keep_structure_and_dtypes(rank, dtype):
@@ -256,6 +263,7 @@ def test_pytree_params_keep_structure_and_dtypes(rank, dtype):
     assert losses[-1] < 1e-3 * float(problem.loss(problem.x0))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("derivative", ["strong", "weak"])
 def test_float32_matches_float64(derivative):
     p64 = rotated_quadratic(n=4, condition=10.0)
@@ -266,11 +274,21 @@ def test_float32_matches_float64(derivative):
     p32 = p64._replace(x0=x0_32, loss=lambda x: p64.loss(x.astype(jnp.float64)).astype(jnp.float32))
     x32, s32, _ = run(opt, p32, 50)
     assert x32.dtype == jnp.float32 and s32.coefficients.dtype == jnp.float32
-    np.testing.assert_allclose(
-        x32, x64, rtol=0, atol=2e-3 * float(jnp.max(jnp.abs(x64 - p64.minimum))) + 1e-4
-    )
+    # Float32 rounding (eps 1.2e-7) enters the fit through an ill-conditioned library:
+    # one cycle's iterates nearly lie on the slow mode, so the fitted coefficients carry
+    # relative errors up to ~kappa eps32 (1e-3..1e-2 here; the weak form's integration
+    # weights add to it), and the surrogate's endpoint moves by that fraction of the
+    # distance it covers, which is at most the distance left to the minimum. 5e-2 of that
+    # distance bounds it with margin; the floor is 100 ulps of float32 at |c| ~ 1.
+    remaining = float(jnp.max(jnp.abs(x64 - p64.minimum)))
+    np.testing.assert_allclose(x32, x64, rtol=0, atol=5e-2 * remaining + 100 * 2.0**-23)
+    # Both runs converge the same way: the float32 run is not worse than float64's by
+    # more than that tolerance, and rounding did not cost it a surrogate phase.
+    assert float(jnp.max(jnp.abs(x32 - p64.minimum))) <= 1.05 * remaining + 100 * 2.0**-23
+    assert int(s32.fallbacks) == int(s64.fallbacks) == 0
 
 
+@pytest.mark.numerics
 def test_weak_form_learns_quadratic_flow():
     problem = quadratic(n=2, condition=3.0)
     lr, K, M = problem.lr, 20, 60
@@ -290,6 +308,7 @@ def test_weak_form_learns_quadratic_flow():
     assert float(state.fit_residual) < 1e-2
 
 
+@pytest.mark.numerics
 def test_centred_pod_resolves_small_moves_in_float32():
     # Parameters near 100 moving by O(1): the uncentred float32 Gram matrix keeps
     # only the leading (mean) mode, the centred one keeps the directions of motion.

@@ -13,6 +13,7 @@ import lgfjax
 CASES = list(zip(safeguard_set(), (600, 600, 600, 200, 200)))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("problem, steps", CASES, ids=[c[0].name.split("(")[0] for c in CASES])
 def test_safeguarded_lgf_needs_no_more_gradients_than_gradient_descent(problem, steps):
     base = optax.sgd(problem.lr)

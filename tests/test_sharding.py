@@ -12,7 +12,8 @@ are all-reduces of per-shard contractions); and the result equals the single-dev
 run. "Equal" is to rounding in the true steps (1e-12); the fit then amplifies the
 different summation order of the sharded Gram matrix, because the degree-2 fit in
 rank 4 (15 terms, 7 samples) is an underdetermined minimum-norm solve, so the
-comparison after fits is relative 1e-7 in float64.
+comparison after fits is against the measured amplification of a 4-ulp change of the
+start (the same unsharded run, nudged).
 
 ``opt.init`` builds the buffers with the parameters' shardings itself
 (`test_init_shards_buffers_like_params`).
@@ -56,6 +57,7 @@ print(int(lgfjax.gradient_evaluations(state)), int(jax.device_count()))
 """
 
 SCRIPT = Path(__file__).with_name("_sharded_run.py")
+EPS64 = 2.0**-52
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +90,15 @@ def test_no_all_gather(result):
     assert result["all_reduces"] >= 1
 
 
+@pytest.mark.numerics
 def test_matches_single_device(result):
-    assert result["first_phase_diff"] <= 1e-12
-    assert result["max_abs_diff"] <= 1e-7 * result["scale"]
+    # True steps only: each is a few float64 roundings of |x| <= scale per step, 7 steps.
+    assert result["first_phase_diff"] <= 100 * EPS64 * result["scale"]
+    # After fits the sharded Gram matrix's different summation order is a rounding-sized
+    # change, which the fit amplifies as much as a 4-ulp change of the start does: that
+    # amplification is measured (rounding_diff) rather than assumed; 100x is the margin
+    # between two rounding-sized changes, the floor a few ulps of the result.
+    assert result["max_abs_diff"] <= 100 * result["rounding_diff"] + 1e3 * EPS64 * result["scale"]
     assert result["gradient_evaluations"] == result["reference_gradient_evaluations"]
     # The run made progress and used its surrogate phases.
     assert result["final_loss"] < 0.05 * result["initial_loss"]
@@ -124,6 +132,7 @@ def explicit():
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("config", ["full", "rank_deg2", "center", "check_every", "adam"])
 def test_explicit_axes(explicit, config):
     # jax.make_mesh's default axis type: contractions over n need an explicit output
@@ -135,4 +144,8 @@ def test_explicit_axes(explicit, config):
     assert result["updates_spec"] == result["params_spec"]
     assert result["trajectory_spec"] == {"w": "P(None, 'x', None)", "b": "P(None, None)"}
     assert result["evaluations"] == result["reference_evaluations"] < 40
-    assert result["rel_diff"] <= 1e-6
+    # Sharding changes only summation order (a rounding-sized change); the fits amplify
+    # it like the 4-ulp change of the start measured in rounding_rel_diff (in rank_deg2
+    # a 15-term degree-2 fit to 7 samples, a minimum-norm solve, amplifies the most).
+    # 100x is the margin between two rounding-sized changes, the floor a few ulps.
+    assert result["rel_diff"] <= 100 * result["rounding_rel_diff"] + 1e3 * EPS64
