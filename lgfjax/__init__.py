@@ -7,7 +7,7 @@ from ._derivatives import (
     test_functions as test_functions,
     weak_form as weak_form,
 )
-from ._fit import STATUS_MESSAGES as STATUS_MESSAGES
+from ._fit import STATUS_MESSAGES as STATUS_MESSAGES, Status as Status
 from ._flow import RK4 as RK4, PolynomialFlow as PolynomialFlow
 from ._lgf import LGFState as LGFState, lgf as lgf
 from ._library import (

@@ -10,7 +10,15 @@ from jaxtyping import Array, Int
 
 from ._fit import FitConfig
 from ._flow import RK4, integrate
-from ._lgf import _check_adaptive, make_transformation, validate_flow_options, validate_schedule
+from ._lgf import (
+    _check_adaptive,
+    make_transformation,
+    resolve_schedule,
+    validate_flow_options,
+    validate_schedule,
+    verified_config,
+)
+from ._verified import make_verified
 from ._validate import _concrete, check_bool, check_nonnegative, check_positive
 
 
@@ -153,15 +161,17 @@ def lgf_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
-    history_size: int,
-    retrain_interval: int,
+    history_size: int | None = None,
+    retrain_interval: int | None = None,
+    schedule: str | None = None,
+    verify_tolerance: float = 0.2,
     dt: float | None = None,
     poly_order: int = 1,
     include_bias: bool = True,
-    rank: int | None = None,
-    center: bool = False,
+    rank: int | None | str = "auto",
+    center: bool | None = None,
     threshold: float = 1e-8,
-    relative_threshold: bool = False,
+    relative_threshold: bool | None = None,
     alpha: float = 1e-6,
     max_iter: int = 20,
     normalize_columns: bool = True,
@@ -258,6 +268,69 @@ def lgf_adam(
     check_bool("amsgrad", amsgrad)
     if dt is None:
         dt = learning_rate
+    schedule, history_size, rank, center = resolve_schedule(
+        schedule, history_size, retrain_interval, rank, center
+    )
+    if relative_threshold is None:
+        # The verified schedule keeps fitting as a run converges and steps shrink.
+        relative_threshold = schedule == "verified"
+    if schedule == "verified":
+        validate_flow_options(
+            poly_order=poly_order,
+            dt=dt,
+            threshold=threshold,
+            relative_threshold=relative_threshold,
+            alpha=alpha,
+            max_iter=max_iter,
+            solver=solver,
+            substeps=substeps,
+            max_steps=max_steps,
+            max_step_ratio=max_step_ratio,
+            check_every=None,
+            check_tolerance=0.0,
+            weak_power=4,
+        )
+        cfg = verified_config(
+            history_size=history_size,
+            dt=dt,
+            verify_tolerance=verify_tolerance,
+            poly_order=poly_order,
+            include_bias=include_bias,
+            rank=rank,
+            center=center,
+            derivative="tracked",
+            threshold=threshold,
+            relative_threshold=relative_threshold,
+            alpha=alpha,
+            max_iter=max_iter,
+            normalize_columns=normalize_columns,
+            unbias=unbias,
+            max_step_ratio=max_step_ratio,
+            check_every=check_every,
+            max_surrogate_steps=max_surrogate_steps,
+        )
+        base_init, base_update = adam_base(learning_rate, b1, b2, eps, amsgrad)
+        surrogate_fn = adam_surrogate(
+            learning_rate,
+            b1,
+            b2,
+            eps,
+            amsgrad,
+            dt,
+            solver=solver,
+            substeps=substeps,
+            stepsize_controller=stepsize_controller,
+            max_steps=16 * substeps if max_steps is None else max_steps,
+        )
+        # Adam's flow models the gradient itself, which a true step receives.
+        return make_verified(
+            base_init=base_init,
+            base_update=base_update,
+            surrogate_fn=surrogate_fn,
+            target_fn=lambda grads, true_update: grads,
+            cfg=cfg,
+            buffer_dtype=buffer_dtype,
+        )
     # A linear gradient model needs at least two (iterate, gradient) pairs.
     validate_schedule(history_size, retrain_interval, rank, 2, center)
     validate_flow_options(

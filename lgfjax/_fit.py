@@ -1,6 +1,7 @@
 """Fitting the learned flow to the recorded trajectory: POD, library, targets, STLSQ."""
 
 import dataclasses
+import enum
 from typing import NamedTuple
 
 import jax
@@ -13,15 +14,35 @@ from ._library import polynomial_library
 from ._pod import gathered, gram_modes, tree_basis, tree_gram, tree_project_rows
 from ._stlsq import stlsq
 
-# Reasons a cycle fell back to true steps, recorded in the state's `status` field.
-OK = 0
-NONFINITE_TRAJECTORY = 1
-FIT_FAILED = 2
-EMPTY_MODEL = 3
-SOLVER_FAILED = 4
-NONFINITE_STEP = 5
-STEP_TOO_LARGE = 6
-VALUE_REJECTED = 7
+class Status(enum.IntEnum):
+    """Why the last surrogate phase ended early or was undone (``status`` in the state).
+
+    First failure wins within a step. `lgfjax.status_message` gives the text.
+    """
+
+    OK = 0
+    NONFINITE_TRAJECTORY = 1
+    FIT_FAILED = 2
+    EMPTY_MODEL = 3
+    SOLVER_FAILED = 4
+    NONFINITE_STEP = 5
+    STEP_TOO_LARGE = 6
+    VALUE_REJECTED = 7
+    FLOW_DISAGREED = 8
+    LOSS_ROSE = 9
+
+
+# Module-level names kept for the engine code.
+OK = Status.OK.value
+NONFINITE_TRAJECTORY = Status.NONFINITE_TRAJECTORY.value
+FIT_FAILED = Status.FIT_FAILED.value
+EMPTY_MODEL = Status.EMPTY_MODEL.value
+SOLVER_FAILED = Status.SOLVER_FAILED.value
+NONFINITE_STEP = Status.NONFINITE_STEP.value
+STEP_TOO_LARGE = Status.STEP_TOO_LARGE.value
+VALUE_REJECTED = Status.VALUE_REJECTED.value
+FLOW_DISAGREED = Status.FLOW_DISAGREED.value
+LOSS_ROSE = Status.LOSS_ROSE.value
 
 STATUS_MESSAGES = {
     OK: "ok",
@@ -32,6 +53,8 @@ STATUS_MESSAGES = {
     NONFINITE_STEP: "the surrogate step was not finite",
     STEP_TOO_LARGE: "the surrogate step left the trust region",
     VALUE_REJECTED: "value_fn rejected the surrogate phase; rolled back",
+    FLOW_DISAGREED: "the true step after the surrogate phase disagreed with the learned flow",
+    LOSS_ROSE: "the loss rose over the surrogate phase; rolled back",
 }
 
 
@@ -112,6 +135,39 @@ def fit_flow(cfg: FitConfig, trajectory, gradients, dt, dtype) -> Fit:
     finite_traj = finite_traj & jnp.all(jnp.isfinite(target))
     target = jnp.where(finite_traj, target, 0.0)
 
+    return regress(cfg, features, target, finite_traj, basis, energy, dtype)
+
+
+def fit_pairs(cfg: FitConfig, points, targets, origin, dtype) -> Fit:
+    """Fit a model of the targets at recorded points (no contiguous window needed).
+
+    `points` and `targets` leaves have shape ``(K, *shape)``: the iterates at which
+    true steps were taken and what was measured there (the base's velocity, or the
+    gradient). With a rank, the POD is of ``points - origin`` (`origin` is where the
+    surrogate starts, so it has coordinates zero).
+    """
+    if cfg.rank is None:
+        basis = None
+        coords = _ravel_rows(points, dtype)
+        target = _ravel_rows(targets, dtype)
+        energy = jnp.ones((), dtype)
+    else:
+        snapshots = jax.tree_util.tree_map(
+            lambda b, o: b.astype(dtype) - o.astype(dtype), points, origin
+        )
+        v, s, energy = gram_modes(tree_gram(snapshots, dtype), cfg.rank)
+        basis = tree_basis(snapshots, v, s, dtype)
+        coords = v * s
+        target = tree_project_rows(basis, targets, dtype)
+    finite = jnp.all(jnp.isfinite(coords)) & jnp.all(jnp.isfinite(target))
+    coords = jnp.where(finite, coords, 0.0)
+    target = jnp.where(finite, target, 0.0)
+    features = polynomial_library(coords, cfg.degree, cfg.include_bias)
+    return regress(cfg, features, target, finite, basis, energy, dtype)
+
+
+def regress(cfg: FitConfig, features, target, finite_traj, basis, energy, dtype) -> Fit:
+    """STLSQ of `target` on `features`, with the fit's status (shared by both fits)."""
     scale_t = jnp.ones((), dtype)
     if cfg.relative_threshold:
         # STLSQ is linear in the targets for a fixed support, so fitting targets of

@@ -25,6 +25,7 @@ from ._flow import RK4, PolynomialFlow, integrate
 from ._library import library_size
 from ._pod import gathered, placed_like, tree_lift, tree_project
 from ._validate import (
+    _concrete,
     check_bool,
     check_choice,
     check_nonnegative,
@@ -439,19 +440,21 @@ def validate_flow_options(
 def lgf(
     base: optax.GradientTransformation,
     *,
-    history_size: int,
-    retrain_interval: int,
     dt: float,
+    history_size: int | None = None,
+    retrain_interval: int | None = None,
+    schedule: str | None = None,
+    verify_tolerance: float = 0.2,
     poly_order: int = 1,
     include_bias: bool = True,
-    rank: int | None = None,
-    center: bool = False,
+    rank: int | None | str = "auto",
+    center: bool | None = None,
     derivative: str = "strong",
     fd_order: int = 2,
     weak_width: int | None = None,
     weak_power: int = 4,
     threshold: float = 1e-8,
-    relative_threshold: bool = False,
+    relative_threshold: bool | None = None,
     alpha: float = 1e-6,
     max_iter: int = 20,
     normalize_columns: bool = True,
@@ -547,6 +550,38 @@ def lgf(
     """
     if not isinstance(base, optax.GradientTransformation):
         raise ValueError(f"`base` must be an optax.GradientTransformation, got {base!r}.")
+    schedule, history_size, rank, center = resolve_schedule(
+        schedule, history_size, retrain_interval, rank, center
+    )
+    if relative_threshold is None:
+        # The verified schedule keeps fitting as a run converges and steps shrink.
+        relative_threshold = schedule == "verified"
+    if schedule == "verified":
+        return _verified_lgf(
+            base,
+            dt=dt,
+            history_size=history_size,
+            verify_tolerance=verify_tolerance,
+            poly_order=poly_order,
+            include_bias=include_bias,
+            rank=rank,
+            center=center,
+            threshold=threshold,
+            relative_threshold=relative_threshold,
+            alpha=alpha,
+            max_iter=max_iter,
+            normalize_columns=normalize_columns,
+            unbias=unbias,
+            solver=solver,
+            substeps=substeps,
+            stepsize_controller=stepsize_controller,
+            max_steps=max_steps,
+            max_step_ratio=max_step_ratio,
+            check_every=check_every,
+            max_surrogate_steps=max_surrogate_steps,
+            buffer_dtype=buffer_dtype,
+            derivative=derivative,
+        )
     check_choice("derivative", derivative, ("strong", "weak"))
     check_choice("fd_order", fd_order, tuple(FD_ORDERS))
     lo, hi = FD_ORDERS[fd_order] if derivative == "strong" else (0, 0)
@@ -631,3 +666,152 @@ def _check_adaptive(adaptive, max_surrogate_steps, default_steps):
         return max(1, 4 * default_steps)
     check_positive_int("max_surrogate_steps", max_surrogate_steps, max(1, default_steps))
     return max_surrogate_steps
+
+
+def resolve_schedule(schedule, history_size, retrain_interval, rank, center):
+    """``(schedule, history_size, rank, center)`` with the defaults filled in.
+
+    Without `schedule`, giving `retrain_interval` selects the paper's fixed schedule
+    (whose defaults are full space and no centring, as before); otherwise the
+    verified schedule runs, by default with K = 10 and a centred rank-``K // 2`` POD.
+    """
+    if schedule is None:
+        schedule = "fixed" if retrain_interval is not None else "verified"
+    check_choice("schedule", schedule, ("verified", "fixed"))
+    if schedule == "fixed":
+        if history_size is None or retrain_interval is None:
+            raise ValueError(
+                "`schedule='fixed'` needs `history_size` and `retrain_interval` (K and M), "
+                f"got history_size={history_size!r}, retrain_interval={retrain_interval!r}."
+            )
+        rank = None if rank == "auto" else rank
+        center = False if center is None else center
+        return schedule, history_size, rank, center
+    if retrain_interval is not None:
+        raise ValueError(
+            "`retrain_interval` is the fixed schedule's cycle length; with "
+            f"schedule='verified' phases follow the verification, got {retrain_interval!r}."
+        )
+    history_size = 10 if history_size is None else history_size
+    check_positive_int("history_size", history_size, 3)
+    if rank != "auto" and rank is not None:
+        validate_schedule(history_size, history_size, rank, 3, bool(center))
+    center = (rank is not None) if center is None else center
+    if center and rank is None:
+        raise ValueError("`center` must be False, or True together with a `rank`, got True.")
+    return schedule, history_size, rank, center
+
+
+def verified_config(
+    *,
+    history_size,
+    dt,
+    verify_tolerance,
+    poly_order,
+    include_bias,
+    rank,
+    center,
+    derivative,
+    threshold,
+    relative_threshold,
+    alpha,
+    max_iter,
+    normalize_columns,
+    unbias,
+    max_step_ratio,
+    check_every,
+    max_surrogate_steps,
+):
+    """Validate the verified schedule's options and build its `VerifiedConfig`."""
+    from ._verified import VerifiedConfig
+
+    if check_every is not None:
+        raise ValueError(
+            "`check_every` applies to schedule='fixed'; the verified schedule judges each "
+            f"phase by the loss passed as `value` to `update`, got check_every={check_every!r}."
+        )
+    check_nonnegative("verify_tolerance", verify_tolerance)
+    if _concrete(verify_tolerance) and not float(verify_tolerance) < 1.0:
+        raise ValueError(
+            f"`verify_tolerance` must be a number in [0, 1), got {verify_tolerance!r}."
+        )
+    if max_surrogate_steps is None:
+        max_surrogate_steps = 50 * history_size
+    check_positive_int("max_surrogate_steps", max_surrogate_steps)
+    fit = FitConfig(
+        history_size=history_size,
+        degree=poly_order,
+        include_bias=include_bias,
+        rank=rank,
+        center=center,
+        derivative=derivative,
+        fd_order=2,
+        weak_width=None,
+        weak_power=4,
+        threshold=threshold,
+        relative_threshold=relative_threshold,
+        alpha=alpha,
+        max_iter=max_iter,
+        normalize_columns=normalize_columns,
+        unbias=unbias,
+    )
+    return VerifiedConfig(
+        fit=fit,
+        dt=dt,
+        max_step_ratio=max_step_ratio,
+        verify_tolerance=verify_tolerance,
+        first_length=history_size,
+        max_length=max_surrogate_steps,
+        refresh=max(2, history_size // 2),
+    )
+
+
+def _verified_lgf(base, *, dt, history_size, solver, substeps, stepsize_controller, max_steps,
+                  buffer_dtype, derivative, **options):
+    from ._verified import make_verified
+
+    check_choice("derivative", derivative, ("strong", "weak"))
+    validate_flow_options(
+        poly_order=options["poly_order"],
+        dt=dt,
+        threshold=options["threshold"],
+        relative_threshold=options["relative_threshold"],
+        alpha=options["alpha"],
+        max_iter=options["max_iter"],
+        solver=solver,
+        substeps=substeps,
+        max_steps=max_steps,
+        max_step_ratio=options["max_step_ratio"],
+        check_every=None,
+        check_tolerance=0.0,
+        weak_power=4,
+    )
+    # The verified schedule models the base's velocity at each true iterate,
+    # ``update / dt``: no finite differences of a window are needed.
+    cfg = verified_config(history_size=history_size, dt=dt, derivative="tracked", **options)
+    steps_cap = 16 * substeps if max_steps is None else max_steps
+
+    def surrogate_fn(model, params, base_state, dtype):
+        z0 = model.project(params, dtype)
+        z1, ok = integrate(
+            model.flow,
+            z0,
+            jnp.asarray(dt, dtype),
+            solver=solver,
+            substeps=substeps,
+            stepsize_controller=stepsize_controller,
+            max_steps=steps_cap,
+        )
+        return model.lift(z1 - z0, params), base_state, ok
+
+    def target_fn(grads, true_update):
+        return jax.tree_util.tree_map(lambda u: u / jnp.asarray(dt, u.dtype), true_update)
+
+    return make_verified(
+        base_init=base.init,
+        base_update=base.update,
+        surrogate_fn=surrogate_fn,
+        target_fn=target_fn,
+        cfg=cfg,
+        buffer_dtype=buffer_dtype,
+    )

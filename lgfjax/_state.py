@@ -9,22 +9,37 @@ from jaxtyping import Array, Float, Int
 
 from ._fit import STATUS_MESSAGES
 from ._lgf import LGFState
+from ._verified import VerifiedState
+
+_STATES = (LGFState, VerifiedState)
 
 
-def find_state(state) -> LGFState:
-    """The `LGFState` inside a (possibly chained or wrapped) optimiser state."""
-    if isinstance(state, LGFState):
+def find_state(state) -> LGFState | VerifiedState:
+    """The lgfjax state inside a (possibly chained or wrapped) optimiser state."""
+    if isinstance(state, _STATES):
         return state
     found = [
         leaf
-        for leaf in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, LGFState))
-        if isinstance(leaf, LGFState)
+        for leaf in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, _STATES))
+        if isinstance(leaf, _STATES)
     ]
     if len(found) != 1:
+        hint = (
+            " Pass the state returned by the lgfjax optimiser's `init`/`update` (for a "
+            "checkpoint restored with orbax, restore with that state as the target so that "
+            "its NamedTuple structure comes back)."
+            if not found
+            else " Use one lgfjax transformation per optimiser."
+        )
         raise ValueError(
-            f"expected exactly one lgfjax state inside the optimiser state, found {len(found)}."
+            "expected exactly one lgfjax state (LGFState or VerifiedState) inside the "
+            f"optimiser state, found {len(found)}.{hint}"
         )
     return found[0]
+
+
+def _phase(s):
+    return s.schedule.phase if isinstance(s, VerifiedState) else s.phase
 
 
 def needs_gradient(state) -> jax.Array:
@@ -32,17 +47,26 @@ def needs_gradient(state) -> jax.Array:
 
     In surrogate steps the incoming updates are ignored, so they may be zeros.
     """
-    return find_state(state).phase == 0
+    return _phase(find_state(state)) == 0
 
 
 def gradient_evaluations(state) -> jax.Array:
     """True gradients consumed so far (int32)."""
-    return find_state(state).gradient_evaluations
+    s = find_state(state)
+    if isinstance(s, VerifiedState):
+        return s.info.gradient_evaluations
+    return s.gradient_evaluations
 
 
 def status_message(code: int) -> str:
-    """Text for a fallback reason stored in ``state.status``."""
-    return STATUS_MESSAGES[int(code)]
+    """Text for a fallback reason stored in ``state.status`` (an `lgfjax.Status`)."""
+    try:
+        return STATUS_MESSAGES[int(code)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"`code` must be one of the lgfjax.Status codes {sorted(STATUS_MESSAGES)}, "
+            f"got {code!r}."
+        ) from None
 
 
 class Diagnostics(NamedTuple):
@@ -65,6 +89,22 @@ class Diagnostics(NamedTuple):
 def diagnostics(state) -> Diagnostics:
     """Diagnostics of the (possibly nested) LGF state; see `Diagnostics`."""
     s = find_state(state)
+    if isinstance(s, VerifiedState):
+        i = s.info
+        return Diagnostics(
+            phase=s.schedule.phase,
+            steps=s.schedule.count,
+            gradient_evaluations=i.gradient_evaluations,
+            value_evaluations=i.value_evaluations,
+            fit_residual=i.fit_residual,
+            active_terms=i.active_terms,
+            pod_energy=i.pod_energy,
+            accepted=i.accepted,
+            rejected=i.rejected,
+            fallbacks=i.fallbacks,
+            status=i.status,
+            surrogate_steps=s.schedule.length,
+        )
     return Diagnostics(
         phase=s.phase,
         steps=s.count,

@@ -1,0 +1,381 @@
+"""The verified schedule: surrogate phases that last as long as the learned flow is right.
+
+Every true step yields a pair (iterate, what the base measured there: its velocity
+``update / dt``, or for Adam the gradient). The last `history_size` pairs live in a
+ring buffer, so a fit needs no contiguous window and every true step, including the
+one after a surrogate phase, is data. The first true step after a phase is also a
+free test of the model: the learned flow's prediction at that point is compared with
+what the base just measured there, and the loss (the `value` extra argument, which
+`lgfjax.value_and_grad` computes anyway) with the loss before the phase.
+
+- agreement (relative error at most `verify_tolerance`): refit with the new pair and
+  resume at once, with the next phase twice as long (up to `max_surrogate_steps`);
+- disagreement: keep the pair, take `refresh` more true steps, refit, and halve the
+  phase length;
+- a rise of the loss (or, without `value`, a prediction farther from the truth than
+  "no motion at all", relative error > 1): undo the phase, back to where it began,
+  then as for disagreement.
+
+Constraints kept from the fixed engine: the ``(K, n)`` buffers never pass through a
+`lax.cond`/`lax.switch` (XLA would copy them); conditional writes and the fit run in
+a while loop taken once or never (`_once`); one array per counter.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from ._fit import (
+    FLOW_DISAGREED,
+    LOSS_ROSE,
+    NONFINITE_STEP,
+    OK,
+    SOLVER_FAILED,
+    STEP_TOO_LARGE,
+    FitConfig,
+    fit_pairs,
+)
+from ._flow import PolynomialFlow
+from ._library import library_size
+from ._pod import gathered, placed_like, tree_lift, tree_project
+
+
+class Schedule(NamedTuple):
+    phase: Int[Array, ""]  # 0: the next update is a true step; 1: surrogate
+    todo: Int[Array, ""]  # steps left in this phase (true steps before a fit, or surrogate)
+    length: Int[Array, ""]  # length of the next surrogate phase
+    verify: Bool[Array, ""]  # the next true step judges the phase that just ended
+    count: Int[Array, ""]  # updates applied
+
+
+class Buffers(NamedTuple):
+    points: PyTree[Array]  # leaves (K, *shape): iterates where true steps were taken
+    targets: PyTree[Array]  # leaves (K, *shape): the base's velocity (or gradient) there
+    head: Int[Array, ""]  # next row to write
+    filled: Int[Array, ""]  # rows holding data, up to K
+
+
+class Model(NamedTuple):
+    coefficients: Float[Array, "P r"]  # fit dtype
+    basis: PyTree[Array] | None  # leaves (r, *shape), or None in full space
+    origin: PyTree[Array] | None  # where the phase began (POD coordinates zero)
+    step_bound: Float[Array, ""]  # trust region: longest surrogate step accepted
+
+
+class Anchor(NamedTuple):
+    params: PyTree[Array]  # where the current phase began
+    base_state: Any
+    loss: Float[Array, ""]  # the last loss seen before the phase (inf if unknown)
+
+
+class VerifiedInfo(NamedTuple):
+    gradient_evaluations: Int[Array, ""]  # true gradients consumed
+    value_evaluations: Int[Array, ""]  # value_fn calls (none in this schedule)
+    fit_residual: Float[Array, ""]
+    active_terms: Int[Array, ""]
+    pod_energy: Float[Array, ""]
+    accepted: Int[Array, ""]  # surrogate steps kept
+    rejected: Int[Array, ""]  # surrogate steps refused or undone
+    fallbacks: Int[Array, ""]  # phases that ended early, disagreed or were undone
+    status: Int[Array, ""]  # reason of the last fallback (`lgfjax.Status`)
+    verifications: Int[Array, ""]  # phases judged by a true step
+    verified: Int[Array, ""]  # of those, how many the true step confirmed
+    flow_error: Float[Array, ""]  # relative error of the flow at the last judgement
+
+
+class VerifiedState(NamedTuple):
+    """State of `lgfjax.lgf` / `lgfjax.lgf_adam` with ``schedule="verified"``."""
+
+    schedule: Schedule
+    base_state: Any
+    buffers: Buffers
+    model: Model
+    anchor: Anchor
+    info: VerifiedInfo
+
+
+class VerifiedConfig(NamedTuple):
+    """Static settings of the verified schedule (Python values)."""
+
+    fit: FitConfig  # rank here is the requested one; "auto" is resolved at init
+    dt: float
+    max_step_ratio: float | None
+    verify_tolerance: float
+    first_length: int
+    max_length: int
+    refresh: int
+
+
+def _once(when, fn, carry):
+    """``fn(carry)`` if `when`, else `carry`, as a while loop taken once or never.
+
+    XLA updates the carry in place, and nothing is read when `when` is false.
+    """
+    return jax.lax.while_loop(lambda c: ~c[0], lambda c: (jnp.asarray(True), fn(c[1])), (~when, carry))[1]
+
+
+def _i32(x=0):
+    return jnp.asarray(x, jnp.int32)
+
+
+def _surrogate_model(model: Model, degree, include_bias, params, dtype):
+    """The `SurrogateModel` (from `_lgf`) for the current fit."""
+    from ._lgf import SurrogateModel
+
+    unravel = None
+    if model.basis is None:
+        flat, unravel_flat = ravel_pytree(gathered(params))
+
+        def unravel(v):
+            return unravel_flat(v.astype(flat.dtype))
+
+    return SurrogateModel(
+        PolynomialFlow(model.coefficients, degree, include_bias), model.basis, unravel, model.origin
+    )
+
+
+def _relative_error(predicted, measured):
+    diff = optax.tree.norm(optax.tree.sub(predicted, measured))
+    size = optax.tree.norm(measured)
+    return diff / jnp.where(size > 0, size, 1.0)
+
+
+def make_verified(
+    *,
+    base_init: Callable,
+    base_update: Callable,
+    surrogate_fn: Callable,
+    target_fn: Callable,
+    cfg: VerifiedConfig,
+    buffer_dtype,
+) -> optax.GradientTransformationExtraArgs:
+    """The verified-schedule engine shared by `lgf` and `lgf_adam`.
+
+    `target_fn(grads, true_update)` is what a true step measured (the quantity the flow
+    models); `surrogate_fn(model, params, base_state, dtype)` is one surrogate step.
+    """
+    fit_cfg = cfg.fit
+    K = fit_cfg.history_size
+
+    def init_fn(params):
+        from ._lgf import _fit_dtype, _zeros_along
+
+        dtype = _fit_dtype(params)
+        n = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+        rank = fit_cfg.rank
+        if rank == "auto":
+            rank = max(1, min(n, K // 2))
+        r = n if rank is None else rank
+        P = library_size(r, fit_cfg.degree, fit_cfg.include_bias)
+
+        def buffer(rows, dt=None):
+            return jax.tree_util.tree_map(
+                lambda p: _zeros_along(p, rows, dt or buffer_dtype or jnp.result_type(p)), params
+            )
+
+        base_state = base_init(params)
+        zero_f = lambda: jnp.zeros((), dtype)  # noqa: E731
+        return VerifiedState(
+            schedule=Schedule(_i32(0), _i32(K), _i32(cfg.first_length), jnp.asarray(False), _i32()),
+            base_state=base_state,
+            buffers=Buffers(buffer(K), buffer(K), _i32(), _i32()),
+            model=Model(
+                coefficients=jnp.zeros((P, r), dtype),
+                basis=None if rank is None else buffer(r, dtype),
+                origin=None if rank is None else jax.tree_util.tree_map(jnp.array, params),
+                step_bound=zero_f(),
+            ),
+            anchor=Anchor(jax.tree_util.tree_map(jnp.array, params), base_state, zero_f() + jnp.inf),
+            info=VerifiedInfo(
+                *(_i32() for _ in range(2)),
+                zero_f(),
+                _i32(),
+                zero_f(),
+                *(_i32() for _ in range(6)),
+                zero_f(),
+            ),
+        )
+
+    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+        if params is None:
+            raise ValueError("lgfjax transformations need `params` in `update`.")
+        sch, buf, model, anchor, info = (
+            state.schedule,
+            state.buffers,
+            state.model,
+            state.anchor,
+            state.info,
+        )
+        dtype = model.coefficients.dtype
+        degree, bias = fit_cfg.degree, fit_cfg.include_bias
+        is_true = sch.phase == 0
+        zeros = optax.tree.zeros_like(updates)
+
+        def as_updates(tree):
+            return optax.tree.cast_like(tree, updates)
+
+        # 1. The step itself: the base's true step, or one step of the learned flow.
+        def true_step(base_state):
+            new_updates, base_state = base_update(updates, base_state, params, **extra_args)
+            return as_updates(new_updates), base_state, _i32(OK)
+
+        def surrogate_step(base_state):
+            sm = _surrogate_model(model, degree, bias, params, dtype)
+            step, new_base, solver_ok = surrogate_fn(sm, params, base_state, dtype)
+            length = optax.tree.norm(step)
+            code = jnp.where(solver_ok, OK, SOLVER_FAILED)
+            code = jnp.where((code == OK) & ~jnp.isfinite(length), NONFINITE_STEP, code)
+            code = jnp.where((code == OK) & (length > model.step_bound), STEP_TOO_LARGE, code)
+            ok = code == OK
+            step = optax.tree.where(ok, step, zeros)
+            new_base = optax.tree.where(ok, new_base, base_state)
+            return as_updates(step), new_base, code.astype(jnp.int32)
+
+        step, base_state, code = jax.lax.cond(is_true, true_step, surrogate_step, state.base_state)
+
+        # 2. The judgement of the phase that just ended, by this true step (free).
+        judging = is_true & sch.verify
+        measured = target_fn(updates, step)
+
+        def flow_error(_):
+            sm = _surrogate_model(model, degree, bias, params, dtype)
+            predicted = sm.lift(sm.flow(0.0, sm.project(params, dtype)), like=params)
+            return _relative_error(
+                optax.tree.cast_like(predicted, measured), measured
+            ).astype(dtype)
+
+        err = jax.lax.cond(judging, flow_error, lambda _: jnp.zeros((), dtype), None)
+        err = jnp.where(jnp.isfinite(err), err, jnp.inf)
+        agree = judging & (err <= cfg.verify_tolerance)
+        if value is None:
+            undo = judging & ~(err <= 1.0)
+        else:
+            loss = jnp.asarray(value, dtype)
+            undo = judging & ~(loss <= anchor.loss)
+        disagree = judging & ~agree
+        step = optax.tree.where(undo, as_updates(optax.tree.sub(anchor.params, params)), step)
+        base_state = optax.tree.where(undo, anchor.base_state, base_state)
+        code = jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
+
+        # 3. Record the pair (never a point that is being undone).
+        record = is_true & ~undo
+
+        def write(b):
+            points, targets = b
+            row = buf.head
+            put = lambda t, x: t.at[row].set(x.astype(t.dtype))  # noqa: E731
+            return (
+                jax.tree_util.tree_map(put, points, params),
+                jax.tree_util.tree_map(put, targets, measured),
+            )
+
+        points, targets = _once(record, write, (buf.points, buf.targets))
+        head = jnp.where(record, (buf.head + 1) % K, buf.head)
+        filled = jnp.minimum(buf.filled + record, K)
+
+        # 4. The schedule: how many true steps are left, when to fit, how long a phase.
+        failed = (~is_true & (code != OK)) | disagree | undo
+        phase_over = ~is_true & ((sch.todo <= 1) | (code != OK))
+        length = jnp.where(agree, jnp.minimum(2 * sch.length, cfg.max_length), sch.length)
+        length = jnp.where(failed, jnp.maximum(sch.length // 2, 1), length)
+        todo = jnp.where(is_true, sch.todo - 1, sch.todo - 1)
+        todo = jnp.where(disagree, cfg.refresh - (~undo).astype(jnp.int32), todo)
+        want_fit = is_true & (filled >= K) & (agree | (~judging & (todo <= 0)) | (disagree & (todo <= 0)))
+
+        # 5. The fit, once or never, at the point the next step starts from.
+        next_params = optax.tree.add(params, step)
+
+        def do_fit(carry):
+            coefficients, basis, origin, bound, residual, active, energy, status = carry
+            o = None if origin is None else optax.tree.cast_like(next_params, origin)
+            fit = fit_pairs(fit_cfg_at(basis), points, targets, o, dtype)
+            scale = optax.tree.norm(step).astype(dtype)
+            new_bound = (
+                jnp.asarray(jnp.inf, dtype)
+                if cfg.max_step_ratio is None
+                else (cfg.max_step_ratio * scale).astype(dtype)
+            )
+            return (
+                fit.coefficients.astype(dtype),
+                optax.tree.cast_like(fit.basis, basis),
+                o,
+                new_bound,
+                fit.residual.astype(dtype),
+                fit.active.astype(jnp.int32),
+                fit.energy.astype(dtype),
+                fit.status.astype(jnp.int32),
+            )
+
+        carry = (
+            model.coefficients,
+            model.basis,
+            model.origin,
+            model.step_bound,
+            info.fit_residual,
+            info.active_terms,
+            info.pod_energy,
+            _i32(OK),
+        )
+        coefficients, basis, origin, bound, residual, active, energy, fit_status = _once(
+            want_fit, do_fit, carry
+        )
+        fit_ok = want_fit & (fit_status == OK)
+        fit_failed = want_fit & (fit_status != OK)
+        code = jnp.where(fit_failed, fit_status, code)
+        failed = failed | fit_failed
+
+        next_phase = jnp.where(fit_ok, 1, jnp.where(phase_over, 0, sch.phase))
+        todo = jnp.where(fit_ok, length, todo)
+        todo = jnp.where(phase_over | fit_failed, cfg.refresh, todo)
+        new_anchor = Anchor(
+            optax.tree.where(fit_ok, next_params, anchor.params),
+            optax.tree.where(fit_ok, base_state, anchor.base_state),
+            jnp.where(
+                fit_ok,
+                jnp.asarray(jnp.inf if value is None else value, dtype),
+                anchor.loss,
+            ),
+        )
+        kept = ~is_true & (code == OK)
+        new_state = VerifiedState(
+            schedule=Schedule(
+                phase=next_phase.astype(jnp.int32),
+                todo=todo.astype(jnp.int32),
+                length=length.astype(jnp.int32),
+                verify=phase_over | (sch.verify & ~is_true),
+                count=sch.count + 1,
+            ),
+            base_state=base_state,
+            buffers=Buffers(points, targets, head.astype(jnp.int32), filled.astype(jnp.int32)),
+            model=Model(coefficients, basis, origin, bound),
+            anchor=new_anchor,
+            info=VerifiedInfo(
+                gradient_evaluations=info.gradient_evaluations + is_true,
+                value_evaluations=info.value_evaluations,
+                fit_residual=residual,
+                active_terms=active,
+                pod_energy=energy,
+                accepted=info.accepted + kept,
+                rejected=info.rejected + (~is_true & (code != OK)),
+                fallbacks=info.fallbacks + failed,
+                status=jnp.where(failed, code, info.status).astype(jnp.int32),
+                verifications=info.verifications + judging,
+                verified=info.verified + agree,
+                flow_error=jnp.where(judging, err, info.flow_error),
+            ),
+        )
+        return step, new_state
+
+    def fit_cfg_at(basis):
+        import dataclasses
+
+        rank = None if basis is None else jax.tree_util.tree_leaves(basis)[0].shape[0]
+        return dataclasses.replace(fit_cfg, rank=rank)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
