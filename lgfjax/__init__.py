@@ -32,6 +32,7 @@ from ._state import (
     value_and_grad as value_and_grad,
 )
 from ._stlsq import stlsq as stlsq
+from ._verified import VerifiedState as VerifiedState
 
 __version__ = "0.1.0"
 

@@ -18,8 +18,8 @@ from ._lgf import (
     validate_schedule,
     verified_config,
 )
-from ._verified import make_verified
 from ._validate import _concrete, check_bool, check_nonnegative, check_positive
+from ._verified import make_verified
 
 
 class AdamState(NamedTuple):
@@ -210,12 +210,16 @@ def lgf_adam(
     **Arguments:**
 
     - `learning_rate`, `b1`, `b2`, `eps`: Adam's, as in `optax.adam`.
-    - `history_size`: K, true steps recorded per cycle (``>= 2``).
-    - `retrain_interval`: M, updates per cycle (``>= K``).
+    - `history_size`: K, true steps recorded per cycle (``>= 2``), or the number of
+      recent (iterate, gradient) pairs the model is fitted to (verified; default 10).
+    - `retrain_interval`: M, updates per cycle (``>= K``); selects the fixed schedule.
+    - `schedule`, `verify_tolerance`: as in `lgfjax.lgf`; under the verified schedule
+      the judging true step compares the learned gradient with the true one.
     - `dt`: integration time of one surrogate step; default `learning_rate` (one
       Adam step's worth of time).
     - `poly_order`, `include_bias`: the polynomial library of the gradient model.
-    - `rank`: POD rank ``1 <= rank <= K``, or None to fit in full parameter space.
+    - `rank`: POD rank ``1 <= rank <= K``, None for full space, or ``"auto"``, as
+      in `lgfjax.lgf`.
     - `center`: POD of the iterates minus the last one, see `lgfjax.lgf`; advisable
       for float32 parameters whose iterates move little relative to their size.
       The moments always live in full space.
@@ -274,65 +278,9 @@ def lgf_adam(
     if relative_threshold is None:
         # The verified schedule keeps fitting as a run converges and steps shrink.
         relative_threshold = schedule == "verified"
-    if schedule == "verified":
-        validate_flow_options(
-            poly_order=poly_order,
-            dt=dt,
-            threshold=threshold,
-            relative_threshold=relative_threshold,
-            alpha=alpha,
-            max_iter=max_iter,
-            solver=solver,
-            substeps=substeps,
-            max_steps=max_steps,
-            max_step_ratio=max_step_ratio,
-            check_every=None,
-            check_tolerance=0.0,
-            weak_power=4,
-        )
-        cfg = verified_config(
-            history_size=history_size,
-            dt=dt,
-            verify_tolerance=verify_tolerance,
-            poly_order=poly_order,
-            include_bias=include_bias,
-            rank=rank,
-            center=center,
-            derivative="tracked",
-            threshold=threshold,
-            relative_threshold=relative_threshold,
-            alpha=alpha,
-            max_iter=max_iter,
-            normalize_columns=normalize_columns,
-            unbias=unbias,
-            max_step_ratio=max_step_ratio,
-            check_every=check_every,
-            max_surrogate_steps=max_surrogate_steps,
-        )
-        base_init, base_update = adam_base(learning_rate, b1, b2, eps, amsgrad)
-        surrogate_fn = adam_surrogate(
-            learning_rate,
-            b1,
-            b2,
-            eps,
-            amsgrad,
-            dt,
-            solver=solver,
-            substeps=substeps,
-            stepsize_controller=stepsize_controller,
-            max_steps=16 * substeps if max_steps is None else max_steps,
-        )
-        # Adam's flow models the gradient itself, which a true step receives.
-        return make_verified(
-            base_init=base_init,
-            base_update=base_update,
-            surrogate_fn=surrogate_fn,
-            target_fn=lambda grads, true_update: grads,
-            cfg=cfg,
-            buffer_dtype=buffer_dtype,
-        )
-    # A linear gradient model needs at least two (iterate, gradient) pairs.
-    validate_schedule(history_size, retrain_interval, rank, 2, center)
+    if schedule == "fixed":
+        # A linear gradient model needs at least two (iterate, gradient) pairs.
+        validate_schedule(history_size, retrain_interval, rank, 2, center)
     validate_flow_options(
         poly_order=poly_order,
         dt=dt,
@@ -347,9 +295,6 @@ def lgf_adam(
         check_every=check_every,
         check_tolerance=check_tolerance,
         weak_power=4,
-    )
-    max_surrogate_steps = _check_adaptive(
-        adaptive, max_surrogate_steps, retrain_interval - history_size
     )
     cfg = FitConfig(
         history_size=history_size,
@@ -380,6 +325,26 @@ def lgf_adam(
         substeps=substeps,
         stepsize_controller=stepsize_controller,
         max_steps=16 * substeps if max_steps is None else max_steps,
+    )
+    if schedule == "verified":
+        # Adam's flow models the gradient itself, which a true step receives.
+        return make_verified(
+            base_init=base_init,
+            base_update=base_update,
+            surrogate_fn=surrogate_fn,
+            target_fn=lambda grads, true_update: grads,
+            cfg=verified_config(
+                cfg,
+                verify_tolerance=verify_tolerance,
+                max_step_ratio=max_step_ratio,
+                check_every=check_every,
+                adaptive=adaptive,
+                max_surrogate_steps=max_surrogate_steps,
+            ),
+            buffer_dtype=buffer_dtype,
+        )
+    max_surrogate_steps = _check_adaptive(
+        adaptive, max_surrogate_steps, retrain_interval - history_size
     )
     return make_transformation(
         base_init=base_init,

@@ -14,6 +14,7 @@ from ._library import polynomial_library
 from ._pod import gathered, gram_modes, tree_basis, tree_gram, tree_project_rows
 from ._stlsq import stlsq
 
+
 class Status(enum.IntEnum):
     """Why the last surrogate phase ended early or was undone (``status`` in the state).
 
@@ -144,7 +145,8 @@ def fit_pairs(cfg: FitConfig, points, targets, origin, dtype) -> Fit:
     `points` and `targets` leaves have shape ``(K, *shape)``: the iterates at which
     true steps were taken and what was measured there (the base's velocity, or the
     gradient). With a rank, the POD is of ``points - origin`` (`origin` is where the
-    surrogate starts, so it has coordinates zero).
+    surrogate starts, so it has coordinates zero); with `origin` None the POD is
+    uncentred.
     """
     if cfg.rank is None:
         basis = None
@@ -152,9 +154,9 @@ def fit_pairs(cfg: FitConfig, points, targets, origin, dtype) -> Fit:
         target = _ravel_rows(targets, dtype)
         energy = jnp.ones((), dtype)
     else:
-        snapshots = jax.tree_util.tree_map(
-            lambda b, o: b.astype(dtype) - o.astype(dtype), points, origin
-        )
+        snapshots = jax.tree_util.tree_map(lambda b: b.astype(dtype), points)
+        if origin is not None:
+            snapshots = jax.tree_util.tree_map(lambda b, o: b - o.astype(dtype), snapshots, origin)
         v, s, energy = gram_modes(tree_gram(snapshots, dtype), cfg.rank)
         basis = tree_basis(snapshots, v, s, dtype)
         coords = v * s

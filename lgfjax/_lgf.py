@@ -89,6 +89,25 @@ class SurrogateModel(NamedTuple):
         return tree_lift(self.basis, dz, like)
 
 
+def flat_unravel(params) -> Callable:
+    """Full space: flat vector (any dtype) -> pytree like `params`."""
+    flat, unravel = ravel_pytree(gathered(params))
+    return lambda v: unravel(v.astype(flat.dtype))
+
+
+def once_or_never(when, fn, carry):
+    """``fn(carry)`` if `when`, else `carry`, as a while loop taken once or never.
+
+    XLA updates the carry in place (a `lax.cond` branch returning an operand
+    unchanged would copy it), and nothing is read when `when` is false.
+    """
+
+    def body(c):
+        return jnp.asarray(True), fn(c[1])
+
+    return jax.lax.while_loop(lambda c: ~c[0], body, (~when, carry))[1]
+
+
 def _zeros_along(leaf, rows: int, dtype):
     """Zeros of shape ``(rows, *leaf.shape)``, sharded like `leaf` along its own axes."""
     zeros = jnp.zeros((rows,) + jnp.shape(leaf), dtype)
@@ -195,13 +214,7 @@ def make_transformation(
         dtype = state.coefficients.dtype
         cs = state.cycle_step
         last_of_cycle = cs + 1 >= K + state.surrogate_steps
-        unravel = None
-        if cfg.rank is None:
-            flat_params, unravel_flat = ravel_pytree(gathered(params))
-
-            def unravel(v):
-                return unravel_flat(v.astype(flat_params.dtype))
-
+        unravel = flat_unravel(params) if cfg.rank is None else None
         zeros = optax.tree.zeros_like(updates)
 
         def as_updates(tree):
@@ -209,20 +222,19 @@ def make_transformation(
 
         # The (K + 1, n) buffers never pass through the switch: a branch that returns
         # an operand unchanged makes XLA copy it, which would cost O(K n) per step.
-        # Recording is a masked in-place row write, and the fit runs in a while loop
-        # taken once or never, whose carry XLA updates in place.
+        # Recording and the fit run in loops taken once or never (`once_or_never`),
+        # whose carries XLA updates in place.
         is_true = state.phase == 0
         is_fit = (state.phase != 0) & (cs == K)
 
         def write(buffers, leaves, row, when):
-            # A loop taken once or never writes the row in place and, unlike a masked
-            # write, reads nothing when there is nothing to record.
-            def body(carry):
-                return jnp.asarray(True), jax.tree_util.tree_map(
-                    lambda b, x: b.at[row].set(x.astype(b.dtype)), carry[1], leaves
+            # Unlike a masked write, this reads nothing when there is nothing to record.
+            def put(b):
+                return jax.tree_util.tree_map(
+                    lambda t, x: t.at[row].set(x.astype(t.dtype)), b, leaves
                 )
 
-            return jax.lax.while_loop(lambda c: ~c[0], body, (~when, buffers))[1]
+            return once_or_never(when, put, buffers)
 
         trajectory = write(
             state.trajectory, params, jnp.minimum(cs, K), (is_true & (cs < K)) | is_fit
@@ -238,9 +250,8 @@ def make_transformation(
             else:
                 bound = max_step_ratio * _last_step_length(trajectory, dtype)
             return (
-                jnp.asarray(True),
                 fit.coefficients.astype(dtype),
-                optax.tree.cast_like(fit.basis, carry[2]),
+                optax.tree.cast_like(fit.basis, carry[1]),
                 bound.astype(dtype),
                 fit.residual.astype(dtype),
                 fit.active.astype(jnp.int32),
@@ -249,7 +260,6 @@ def make_transformation(
             )
 
         carry = (
-            ~is_fit,
             state.coefficients,
             state.basis,
             state.step_bound,
@@ -258,8 +268,8 @@ def make_transformation(
             state.pod_energy,
             jnp.asarray(OK, jnp.int32),
         )
-        _, coefficients, basis, bound, residual, active, energy, fit_status = jax.lax.while_loop(
-            lambda c: ~c[0], do_fit, carry
+        coefficients, basis, bound, residual, active, energy, fit_status = once_or_never(
+            is_fit, do_fit, carry
         )
         light = state._replace(
             trajectory=None,
@@ -472,6 +482,15 @@ def lgf(
 ) -> optax.GradientTransformationExtraArgs:
     """Learned gradient flow (LGF) around any optax optimiser.
 
+    Two schedules. Without `retrain_interval` the **verified** schedule runs (see
+    `lgfjax._verified`): each true step records the base's velocity ``update / dt``
+    at its iterate, a linear model in a centred rank-``K // 2`` POD is fitted to the
+    last K of them, and the first true step after each surrogate phase judges it for
+    free; agreement doubles the next phase, disagreement halves it and takes fresh
+    true steps, and a loss rise (pass the loss as the extra argument ``value``)
+    undoes the phase. With `retrain_interval` (or ``schedule="fixed"``) the paper's
+    **fixed** schedule runs, as described next.
+
     Every cycle of `retrain_interval` (M) updates starts with `history_size` (K) true
     steps of `base`, whose iterates are recorded. The next update fits a sparse
     polynomial ODE ``dz/dt = Theta(z) Xi`` to that trajectory (sampled every `dt`),
@@ -493,12 +512,22 @@ def lgf(
 
     - `base`: the optimiser taking the true steps, e.g. ``optax.sgd(1e-2)``. For
       gradient descent's flow, `dt` equals its learning rate.
-    - `history_size`: K, true steps recorded per cycle.
-    - `retrain_interval`: M, updates per cycle (``>= K``).
+    - `history_size`: K, true steps recorded per cycle (fixed), or the number of
+      recent true steps the model is fitted to (verified; default 10).
+    - `retrain_interval`: M, updates per cycle (``>= K``); selects the fixed schedule.
+    - `schedule`: ``"verified"`` or ``"fixed"``; default: fixed if `retrain_interval`
+      is given, else verified.
+    - `verify_tolerance`: verified schedule: largest relative error
+      ``|predicted - measured| / |measured|`` of the flow at the judging true step
+      that counts as agreement, in [0, 1) (0.2: direction within about 11.5 degrees,
+      speed within 20%).
     - `dt`: time between recorded iterates, and integration time per surrogate step.
     - `poly_order`, `include_bias`: the polynomial library.
-    - `rank`: POD rank ``1 <= rank <= K``, or None to fit in full parameter space.
-    - `center`: take the POD of the iterates minus the last one (the paper's POD is
+    - `rank`: POD rank ``1 <= rank <= K``, or None to fit in full parameter space;
+      ``"auto"`` (default) is None for the fixed schedule and ``min(n, K // 2)`` for
+      the verified one.
+    - `center`: (default: True with a rank under the verified schedule, else False)
+      take the POD of the iterates minus the last one (the paper's POD is
       uncentred). Resolves small moves of large parameters in float32; the flow's
       coordinates are then relative to that iterate, so keep `include_bias`.
     - `derivative`: ``"strong"`` (finite differences of order `fd_order` in
@@ -506,13 +535,16 @@ def lgf(
       `weak_power`).
     - `threshold`, `alpha`, `max_iter`, `normalize_columns`, `unbias`: STLSQ, see
       `lgfjax.stlsq`.
-    - `relative_threshold`: measure `threshold` in units of the targets' typical
+    - `relative_threshold`: (default: True for the verified schedule, False for the
+      fixed one) measure `threshold` in units of the targets' typical
       column norm instead of absolutely. With `normalize_columns` a term is then
       dropped when it contributes less than `threshold` of the target's size, so
       the fit does not empty as the iterates slow down near a minimum.
     - `solver`, `substeps`, `stepsize_controller`, `max_steps`: the diffrax solve of
       each surrogate step (initial step ``dt / substeps``).
     - `max_step_ratio`: trust-region factor, or None for no bound.
+    - `derivative`, `fd_order`, `weak_width`, `weak_power`, `check_every`,
+      `check_tolerance`, `adaptive`: fixed schedule only.
     - `check_every`, `check_tolerance`: the `value_fn` acceptance test; a check
       passes when ``loss <= reference + check_tolerance * |reference|``.
     - `adaptive`: double the surrogate phase after a cycle with no fallback, halve it
@@ -520,8 +552,11 @@ def lgf(
     - `buffer_dtype`: storage dtype of the trajectory buffer (e.g. ``jnp.bfloat16``);
       the fit itself runs in float32 or float64.
 
+    - `max_surrogate_steps`: the longest phase (default ``4 (M - K)`` fixed with
+      `adaptive`, ``50 K`` verified).
+
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
-    `lgfjax.LGFState`.
+    `lgfjax.LGFState` (fixed) or a `VerifiedState` (verified).
 
     With `optax.inject_hyperparams`, list every integer and boolean argument in
     ``static_args`` (they fix array shapes or the program); `dt`, `threshold`,
@@ -556,36 +591,17 @@ def lgf(
     if relative_threshold is None:
         # The verified schedule keeps fitting as a run converges and steps shrink.
         relative_threshold = schedule == "verified"
-    if schedule == "verified":
-        return _verified_lgf(
-            base,
-            dt=dt,
-            history_size=history_size,
-            verify_tolerance=verify_tolerance,
-            poly_order=poly_order,
-            include_bias=include_bias,
-            rank=rank,
-            center=center,
-            threshold=threshold,
-            relative_threshold=relative_threshold,
-            alpha=alpha,
-            max_iter=max_iter,
-            normalize_columns=normalize_columns,
-            unbias=unbias,
-            solver=solver,
-            substeps=substeps,
-            stepsize_controller=stepsize_controller,
-            max_steps=max_steps,
-            max_step_ratio=max_step_ratio,
-            check_every=check_every,
-            max_surrogate_steps=max_surrogate_steps,
-            buffer_dtype=buffer_dtype,
-            derivative=derivative,
-        )
     check_choice("derivative", derivative, ("strong", "weak"))
     check_choice("fd_order", fd_order, tuple(FD_ORDERS))
-    lo, hi = FD_ORDERS[fd_order] if derivative == "strong" else (0, 0)
-    validate_schedule(history_size, retrain_interval, rank, max(3, lo + hi + 1), center)
+    if schedule == "fixed":
+        lo, hi = FD_ORDERS[fd_order] if derivative == "strong" else (0, 0)
+        validate_schedule(history_size, retrain_interval, rank, max(3, lo + hi + 1), center)
+    elif derivative != "strong":
+        raise ValueError(
+            "`derivative` selects the fixed schedule's finite-difference or weak targets; "
+            "the verified schedule models the base's velocity `update / dt` at each true "
+            f"iterate, so use schedule='fixed' for derivative={derivative!r}."
+        )
     validate_flow_options(
         poly_order=poly_order,
         dt=dt,
@@ -608,16 +624,13 @@ def lgf(
             f"`weak_width` must be None or an integer in [4, history_size + 1="
             f"{history_size + 1}], got {weak_width!r}."
         )
-    max_surrogate_steps = _check_adaptive(
-        adaptive, max_surrogate_steps, retrain_interval - history_size
-    )
     cfg = FitConfig(
         history_size=history_size,
         degree=poly_order,
         include_bias=include_bias,
         rank=rank,
         center=center,
-        derivative=derivative,
+        derivative="tracked" if schedule == "verified" else derivative,
         fd_order=fd_order,
         weak_width=weak_width,
         weak_power=weak_power,
@@ -643,6 +656,31 @@ def lgf(
         )
         return model.lift(z1 - z0, params), base_state, ok
 
+    if schedule == "verified":
+        from ._verified import make_verified
+
+        def velocity(grads, true_update):
+            # What the flow models: the base's step over `dt` at the true iterate.
+            return jax.tree_util.tree_map(lambda u: u / jnp.asarray(dt, u.dtype), true_update)
+
+        return make_verified(
+            base_init=base.init,
+            base_update=base.update,
+            surrogate_fn=surrogate_fn,
+            target_fn=velocity,
+            cfg=verified_config(
+                cfg,
+                verify_tolerance=verify_tolerance,
+                max_step_ratio=max_step_ratio,
+                check_every=check_every,
+                adaptive=adaptive,
+                max_surrogate_steps=max_surrogate_steps,
+            ),
+            buffer_dtype=buffer_dtype,
+        )
+    max_surrogate_steps = _check_adaptive(
+        adaptive, max_surrogate_steps, retrain_interval - history_size
+    )
     return make_transformation(
         base_init=base.init,
         base_update=base.update,
@@ -703,115 +741,34 @@ def resolve_schedule(schedule, history_size, retrain_interval, rank, center):
 
 
 def verified_config(
-    *,
-    history_size,
-    dt,
-    verify_tolerance,
-    poly_order,
-    include_bias,
-    rank,
-    center,
-    derivative,
-    threshold,
-    relative_threshold,
-    alpha,
-    max_iter,
-    normalize_columns,
-    unbias,
-    max_step_ratio,
-    check_every,
-    max_surrogate_steps,
+    fit: FitConfig, *, verify_tolerance, max_step_ratio, check_every, adaptive, max_surrogate_steps
 ):
-    """Validate the verified schedule's options and build its `VerifiedConfig`."""
+    """Check the verified schedule's own options and build its `VerifiedConfig`."""
     from ._verified import VerifiedConfig
 
-    if check_every is not None:
-        raise ValueError(
-            "`check_every` applies to schedule='fixed'; the verified schedule judges each "
-            f"phase by the loss passed as `value` to `update`, got check_every={check_every!r}."
-        )
+    for name, value, hint in (
+        ("check_every", check_every, "judges each phase by the loss passed as `value`"),
+        ("adaptive", adaptive or None, "sets phase lengths from the verification record"),
+    ):
+        if value is not None:
+            raise ValueError(
+                f"`{name}` applies to schedule='fixed'; the verified schedule {hint}, "
+                f"got {name}={value!r}."
+            )
     check_nonnegative("verify_tolerance", verify_tolerance)
     if _concrete(verify_tolerance) and not float(verify_tolerance) < 1.0:
         raise ValueError(
             f"`verify_tolerance` must be a number in [0, 1), got {verify_tolerance!r}."
         )
+    K = fit.history_size
     if max_surrogate_steps is None:
-        max_surrogate_steps = 50 * history_size
+        max_surrogate_steps = 50 * K
     check_positive_int("max_surrogate_steps", max_surrogate_steps)
-    fit = FitConfig(
-        history_size=history_size,
-        degree=poly_order,
-        include_bias=include_bias,
-        rank=rank,
-        center=center,
-        derivative=derivative,
-        fd_order=2,
-        weak_width=None,
-        weak_power=4,
-        threshold=threshold,
-        relative_threshold=relative_threshold,
-        alpha=alpha,
-        max_iter=max_iter,
-        normalize_columns=normalize_columns,
-        unbias=unbias,
-    )
     return VerifiedConfig(
         fit=fit,
-        dt=dt,
         max_step_ratio=max_step_ratio,
         verify_tolerance=verify_tolerance,
-        first_length=history_size,
+        first_length=K,
         max_length=max_surrogate_steps,
-        refresh=max(2, history_size // 2),
-    )
-
-
-def _verified_lgf(base, *, dt, history_size, solver, substeps, stepsize_controller, max_steps,
-                  buffer_dtype, derivative, **options):
-    from ._verified import make_verified
-
-    check_choice("derivative", derivative, ("strong", "weak"))
-    validate_flow_options(
-        poly_order=options["poly_order"],
-        dt=dt,
-        threshold=options["threshold"],
-        relative_threshold=options["relative_threshold"],
-        alpha=options["alpha"],
-        max_iter=options["max_iter"],
-        solver=solver,
-        substeps=substeps,
-        max_steps=max_steps,
-        max_step_ratio=options["max_step_ratio"],
-        check_every=None,
-        check_tolerance=0.0,
-        weak_power=4,
-    )
-    # The verified schedule models the base's velocity at each true iterate,
-    # ``update / dt``: no finite differences of a window are needed.
-    cfg = verified_config(history_size=history_size, dt=dt, derivative="tracked", **options)
-    steps_cap = 16 * substeps if max_steps is None else max_steps
-
-    def surrogate_fn(model, params, base_state, dtype):
-        z0 = model.project(params, dtype)
-        z1, ok = integrate(
-            model.flow,
-            z0,
-            jnp.asarray(dt, dtype),
-            solver=solver,
-            substeps=substeps,
-            stepsize_controller=stepsize_controller,
-            max_steps=steps_cap,
-        )
-        return model.lift(z1 - z0, params), base_state, ok
-
-    def target_fn(grads, true_update):
-        return jax.tree_util.tree_map(lambda u: u / jnp.asarray(dt, u.dtype), true_update)
-
-    return make_verified(
-        base_init=base.init,
-        base_update=base.update,
-        surrogate_fn=surrogate_fn,
-        target_fn=target_fn,
-        cfg=cfg,
-        buffer_dtype=buffer_dtype,
+        refresh=max(2, K // 2),
     )

@@ -38,24 +38,17 @@ def find_state(state) -> LGFState | VerifiedState:
     return found[0]
 
 
-def _phase(s):
-    return s.schedule.phase if isinstance(s, VerifiedState) else s.phase
-
-
 def needs_gradient(state) -> jax.Array:
     """Whether the next `update` takes a true step and so needs the true gradient.
 
     In surrogate steps the incoming updates are ignored, so they may be zeros.
     """
-    return _phase(find_state(state)) == 0
+    return find_state(state).phase == 0
 
 
 def gradient_evaluations(state) -> jax.Array:
     """True gradients consumed so far (int32)."""
-    s = find_state(state)
-    if isinstance(s, VerifiedState):
-        return s.info.gradient_evaluations
-    return s.gradient_evaluations
+    return find_state(state).gradient_evaluations
 
 
 def status_message(code: int) -> str:
@@ -90,20 +83,9 @@ def diagnostics(state) -> Diagnostics:
     """Diagnostics of the (possibly nested) LGF state; see `Diagnostics`."""
     s = find_state(state)
     if isinstance(s, VerifiedState):
-        i = s.info
+        shared = {f: getattr(s.info, f) for f in Diagnostics._fields if hasattr(s.info, f)}
         return Diagnostics(
-            phase=s.schedule.phase,
-            steps=s.schedule.count,
-            gradient_evaluations=i.gradient_evaluations,
-            value_evaluations=i.value_evaluations,
-            fit_residual=i.fit_residual,
-            active_terms=i.active_terms,
-            pod_energy=i.pod_energy,
-            accepted=i.accepted,
-            rejected=i.rejected,
-            fallbacks=i.fallbacks,
-            status=i.status,
-            surrogate_steps=s.schedule.length,
+            phase=s.phase, steps=s.schedule.count, surrogate_steps=s.schedule.length, **shared
         )
     return Diagnostics(
         phase=s.phase,

@@ -18,9 +18,10 @@ what the base just measured there, and the loss (the `value` extra argument, whi
 
 Constraints kept from the fixed engine: the ``(K, n)`` buffers never pass through a
 `lax.cond`/`lax.switch` (XLA would copy them); conditional writes and the fit run in
-a while loop taken once or never (`_once`); one array per counter.
+a while loop taken once or never (`once_or_never`); one array per counter.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._fit import (
@@ -42,8 +42,8 @@ from ._fit import (
     fit_pairs,
 )
 from ._flow import PolynomialFlow
+from ._lgf import SurrogateModel, _fit_dtype, _zeros_along, flat_unravel, once_or_never
 from ._library import library_size
-from ._pod import gathered, placed_like, tree_lift, tree_project
 
 
 class Schedule(NamedTuple):
@@ -81,8 +81,10 @@ class VerifiedInfo(NamedTuple):
     active_terms: Int[Array, ""]
     pod_energy: Float[Array, ""]
     accepted: Int[Array, ""]  # surrogate steps kept
-    rejected: Int[Array, ""]  # surrogate steps refused or undone
-    fallbacks: Int[Array, ""]  # phases that ended early, disagreed or were undone
+    rejected: Int[Array, ""]  # surrogate steps refused by a guard
+    fallbacks: Int[
+        Array, ""
+    ]  # events that cut a phase short: a guard, a disagreement, an undo, a failed fit
     status: Int[Array, ""]  # reason of the last fallback (`lgfjax.Status`)
     verifications: Int[Array, ""]  # phases judged by a true step
     verified: Int[Array, ""]  # of those, how many the true step confirmed
@@ -99,12 +101,20 @@ class VerifiedState(NamedTuple):
     anchor: Anchor
     info: VerifiedInfo
 
+    # Read like the fixed schedule's `LGFState` by `needs_gradient` and friends.
+    @property
+    def phase(self):
+        return self.schedule.phase
+
+    @property
+    def gradient_evaluations(self):
+        return self.info.gradient_evaluations
+
 
 class VerifiedConfig(NamedTuple):
     """Static settings of the verified schedule (Python values)."""
 
     fit: FitConfig  # rank here is the requested one; "auto" is resolved at init
-    dt: float
     max_step_ratio: float | None
     verify_tolerance: float
     first_length: int
@@ -112,32 +122,14 @@ class VerifiedConfig(NamedTuple):
     refresh: int
 
 
-def _once(when, fn, carry):
-    """``fn(carry)`` if `when`, else `carry`, as a while loop taken once or never.
-
-    XLA updates the carry in place, and nothing is read when `when` is false.
-    """
-    return jax.lax.while_loop(lambda c: ~c[0], lambda c: (jnp.asarray(True), fn(c[1])), (~when, carry))[1]
-
-
 def _i32(x=0):
     return jnp.asarray(x, jnp.int32)
 
 
-def _surrogate_model(model: Model, degree, include_bias, params, dtype):
-    """The `SurrogateModel` (from `_lgf`) for the current fit."""
-    from ._lgf import SurrogateModel
-
-    unravel = None
-    if model.basis is None:
-        flat, unravel_flat = ravel_pytree(gathered(params))
-
-        def unravel(v):
-            return unravel_flat(v.astype(flat.dtype))
-
-    return SurrogateModel(
-        PolynomialFlow(model.coefficients, degree, include_bias), model.basis, unravel, model.origin
-    )
+def _surrogate_model(model: Model, degree, include_bias, params) -> SurrogateModel:
+    unravel = flat_unravel(params) if model.basis is None else None
+    flow = PolynomialFlow(model.coefficients, degree, include_bias)
+    return SurrogateModel(flow, model.basis, unravel, model.origin)
 
 
 def _relative_error(predicted, measured):
@@ -164,8 +156,6 @@ def make_verified(
     K = fit_cfg.history_size
 
     def init_fn(params):
-        from ._lgf import _fit_dtype, _zeros_along
-
         dtype = _fit_dtype(params)
         n = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
         rank = fit_cfg.rank
@@ -174,9 +164,10 @@ def make_verified(
         r = n if rank is None else rank
         P = library_size(r, fit_cfg.degree, fit_cfg.include_bias)
 
-        def buffer(rows, dt=None):
+        def buffer(rows, leaf_dtype=None):
             return jax.tree_util.tree_map(
-                lambda p: _zeros_along(p, rows, dt or buffer_dtype or jnp.result_type(p)), params
+                lambda p: _zeros_along(p, rows, leaf_dtype or buffer_dtype or jnp.result_type(p)),
+                params,
             )
 
         base_state = base_init(params)
@@ -188,17 +179,29 @@ def make_verified(
             model=Model(
                 coefficients=jnp.zeros((P, r), dtype),
                 basis=None if rank is None else buffer(r, dtype),
-                origin=None if rank is None else jax.tree_util.tree_map(jnp.array, params),
+                origin=(
+                    jax.tree_util.tree_map(jnp.array, params)
+                    if rank is not None and fit_cfg.center
+                    else None
+                ),
                 step_bound=zero_f(),
             ),
-            anchor=Anchor(jax.tree_util.tree_map(jnp.array, params), base_state, zero_f() + jnp.inf),
+            anchor=Anchor(
+                jax.tree_util.tree_map(jnp.array, params), base_state, zero_f() + jnp.inf
+            ),
             info=VerifiedInfo(
-                *(_i32() for _ in range(2)),
-                zero_f(),
-                _i32(),
-                zero_f(),
-                *(_i32() for _ in range(6)),
-                zero_f(),
+                gradient_evaluations=_i32(),
+                value_evaluations=_i32(),
+                fit_residual=zero_f(),
+                active_terms=_i32(),
+                pod_energy=zero_f(),
+                accepted=_i32(),
+                rejected=_i32(),
+                fallbacks=_i32(),
+                status=_i32(),
+                verifications=_i32(),
+                verified=_i32(),
+                flow_error=zero_f(),
             ),
         )
 
@@ -226,7 +229,7 @@ def make_verified(
             return as_updates(new_updates), base_state, _i32(OK)
 
         def surrogate_step(base_state):
-            sm = _surrogate_model(model, degree, bias, params, dtype)
+            sm = _surrogate_model(model, degree, bias, params)
             step, new_base, solver_ok = surrogate_fn(sm, params, base_state, dtype)
             length = optax.tree.norm(step)
             code = jnp.where(solver_ok, OK, SOLVER_FAILED)
@@ -244,11 +247,11 @@ def make_verified(
         measured = target_fn(updates, step)
 
         def flow_error(_):
-            sm = _surrogate_model(model, degree, bias, params, dtype)
+            sm = _surrogate_model(model, degree, bias, params)
             predicted = sm.lift(sm.flow(0.0, sm.project(params, dtype)), like=params)
-            return _relative_error(
-                optax.tree.cast_like(predicted, measured), measured
-            ).astype(dtype)
+            return _relative_error(optax.tree.cast_like(predicted, measured), measured).astype(
+                dtype
+            )
 
         err = jax.lax.cond(judging, flow_error, lambda _: jnp.zeros((), dtype), None)
         err = jnp.where(jnp.isfinite(err), err, jnp.inf)
@@ -275,7 +278,7 @@ def make_verified(
                 jax.tree_util.tree_map(put, targets, measured),
             )
 
-        points, targets = _once(record, write, (buf.points, buf.targets))
+        points, targets = once_or_never(record, write, (buf.points, buf.targets))
         head = jnp.where(record, (buf.head + 1) % K, buf.head)
         filled = jnp.minimum(buf.filled + record, K)
 
@@ -284,9 +287,10 @@ def make_verified(
         phase_over = ~is_true & ((sch.todo <= 1) | (code != OK))
         length = jnp.where(agree, jnp.minimum(2 * sch.length, cfg.max_length), sch.length)
         length = jnp.where(failed, jnp.maximum(sch.length // 2, 1), length)
-        todo = jnp.where(is_true, sch.todo - 1, sch.todo - 1)
-        todo = jnp.where(disagree, cfg.refresh - (~undo).astype(jnp.int32), todo)
-        want_fit = is_true & (filled >= K) & (agree | (~judging & (todo <= 0)) | (disagree & (todo <= 0)))
+        # After a disagreement the judging step itself is one of the `refresh` fresh
+        # steps, unless it was undone; `refresh >= 2`, so no fit follows at once.
+        todo = jnp.where(disagree, cfg.refresh - (~undo).astype(jnp.int32), sch.todo - 1)
+        want_fit = is_true & (filled >= K) & (agree | (~judging & (todo <= 0)))
 
         # 5. The fit, once or never, at the point the next step starts from.
         next_params = optax.tree.add(params, step)
@@ -322,7 +326,7 @@ def make_verified(
             info.pod_energy,
             _i32(OK),
         )
-        coefficients, basis, origin, bound, residual, active, energy, fit_status = _once(
+        coefficients, basis, origin, bound, residual, active, energy, fit_status = once_or_never(
             want_fit, do_fit, carry
         )
         fit_ok = want_fit & (fit_status == OK)
@@ -348,7 +352,7 @@ def make_verified(
                 phase=next_phase.astype(jnp.int32),
                 todo=todo.astype(jnp.int32),
                 length=length.astype(jnp.int32),
-                verify=phase_over | (sch.verify & ~is_true),
+                verify=phase_over,
                 count=sch.count + 1,
             ),
             base_state=base_state,
@@ -373,8 +377,7 @@ def make_verified(
         return step, new_state
 
     def fit_cfg_at(basis):
-        import dataclasses
-
+        # The rank "auto" was resolved at init; the basis carries it.
         rank = None if basis is None else jax.tree_util.tree_leaves(basis)[0].shape[0]
         return dataclasses.replace(fit_cfg, rank=rank)
 

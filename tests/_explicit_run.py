@@ -79,8 +79,8 @@ def main():
         params, state, updates = run(make(), jax.device_put(params0, shardings))
         scale = max(float(jnp.max(jnp.abs(reference[k]))) for k in params)
 
-        def rel(a):
-            return max(float(jnp.max(jnp.abs(a[k] - reference[k]))) for k in params) / scale
+        def rel(a, reference=reference, scale=scale):
+            return max(float(jnp.max(jnp.abs(a[k] - reference[k]))) for k in a) / scale
 
         out[name] = {
             "rel_diff": rel(params),

@@ -98,9 +98,9 @@ def main():
     ref_evals = int(state.gradient_evaluations)
     # The same unsharded run from a start 4 ulps away: how far the fits amplify a
     # rounding-sized change (the yardstick for the sharded run's different sums).
-    nudged, nstate = jax.tree_util.tree_map(lambda v: v * ULP, params0), None
+    nudged = jax.tree_util.tree_map(lambda v: v * ULP, params0)
     nstate = opt.init(nudged)
-    for i in range(STEPS):
+    for _ in range(STEPS):
         nudged, nstate, _ = jstep(nudged, nstate)
     rounding_diff = max(float(jnp.max(jnp.abs(nudged[k] - reference[k]))) for k in nudged)
 

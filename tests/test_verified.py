@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from problems import perturb
 
 import lgfjax
 
@@ -30,20 +31,27 @@ def run(opt, loss, x0, steps, use_value=True):
     return p, s
 
 
+@pytest.mark.numerics
 def test_quadratic_default_lgf_saves_most_gradients():
     loss = lambda x: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * x**2)  # noqa: E731
-    p, s = run(lgfjax.lgf(optax.sgd(0.1), dt=0.1), loss, jnp.ones(2), 200)
-    # On a linear gradient field the linear model is exact up to rounding, so every
-    # verification agrees; the first fit needs K = 10 true steps and each phase one.
+    p, s = run(lgfjax.lgf(optax.sgd(0.1), dt=0.1), loss, perturb(jnp.ones(2)), 200)
+    # On a linear gradient field the (rank-2 = n, centred) linear model is exact up to
+    # rounding: the flow error at each judgement is O(kappa eps64) ~ 1e-14, far below
+    # the 0.2 tolerance, so every judgement agrees and the phases double 10, 20, 40,
+    # ... (>= 3 judgements within 200 steps). Then the count is exact: K = 10 true
+    # steps before the first fit and one per judgement.
     assert int(s.info.verified) == int(s.info.verifications) >= 3
-    assert int(lgfjax.gradient_evaluations(s)) <= 10 + int(s.info.verifications) + 1
+    assert int(lgfjax.gradient_evaluations(s)) == 10 + int(s.info.verifications)
+    assert int(s.info.fallbacks) == 0
+    # The gradient flow contracts the loss by exp(-2 t) at least, t = 20 here.
     assert float(loss(p)) < 1e-12
 
 
 @pytest.mark.parametrize("use_value", [True, False], ids=["value", "no_value"])
+@pytest.mark.numerics
 def test_argtrigls_lgf_adam_never_worse_than_adam(use_value):
     # Adam from the same start for the same gradients is the bar (issue 13 item 4).
-    x0 = jnp.full(N, 1.0 / N)
+    x0 = perturb(jnp.full(N, 1.0 / N))
     p, s = run(lgfjax.lgf_adam(1e-2), argtrigls, x0, 1000, use_value)
     g = int(lgfjax.gradient_evaluations(s))
     assert g < 1000
@@ -58,8 +66,10 @@ def test_argtrigls_lgf_adam_never_worse_than_adam(use_value):
     for _ in range(g):
         a, st = astep(a, st)
     assert bool(jnp.all(jnp.isfinite(p)))
-    # Both end near the minimum; a factor 10 covers rounding differences of two runs
-    # that each stall at O(1e-6) of a loss whose start is O(1e2).
+    # Adam at a constant step does not converge: it stalls in a band around the
+    # minimum whose width its step size sets (here O(1e-6) of a loss that starts at
+    # O(1e2)). The factor 10 allows for where within that band each run stops; a
+    # phase that made things worse, as the old schedule did (loss 1e3), fails it.
     assert float(argtrigls(p)) <= 10 * float(argtrigls(a)) + 1e-10
 
 
@@ -72,6 +82,30 @@ def test_schedule_arguments_are_checked():
         lgfjax.lgf(optax.sgd(0.1), dt=0.1, verify_tolerance=1.5)
     with pytest.raises(ValueError, match="history_size"):
         lgfjax.lgf(optax.sgd(0.1), dt=0.1, schedule="fixed")
+    with pytest.raises(ValueError, match="derivative"):
+        lgfjax.lgf(optax.sgd(0.1), dt=0.1, derivative="weak")
+    with pytest.raises(ValueError, match="adaptive"):
+        lgfjax.lgf_adam(0.1, adaptive=True)
+    with pytest.raises(ValueError, match="check_every"):
+        lgfjax.lgf_adam(0.1, check_every=2)
+
+
+def test_defaults_and_center_choice():
+    x = jnp.ones(40)
+    s = lgfjax.lgf(optax.sgd(0.1), dt=0.1).init(x)
+    # Default: K = 10, a centred POD of rank K // 2 = 5.
+    assert s.model.coefficients.shape == (6, 5) and s.model.origin is not None
+    assert s.buffers.points.shape == (10, 40)
+    s = lgfjax.lgf(optax.sgd(0.1), dt=0.1, rank=3, center=False).init(x)
+    assert s.model.coefficients.shape == (4, 3) and s.model.origin is None
+    # The uncentred POD path runs too: on a 2-parameter quadratic, rank 2 is exact.
+    loss = lambda y: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * y**2)  # noqa: E731
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1, rank=2, center=False)
+    p, st = run(opt, loss, jnp.ones(2), 100)
+    assert float(loss(p)) < 1e-6 * float(loss(jnp.ones(2)))
+    assert int(lgfjax.gradient_evaluations(st)) < 50
+    s = lgfjax.lgf(optax.sgd(0.1), dt=0.1, rank=None).init(x)
+    assert s.model.coefficients.shape == (41, 40) and s.model.basis is None
 
 
 def test_status_is_public_and_messages_clear():
