@@ -96,7 +96,9 @@ def adam_surrogate(
     """
     eta = learning_rate
 
-    def surrogate_fn(model, params, base_state, dtype):
+    def surrogate_fn(model, params, base_state, dtype, span=1, max_span=1):
+        # `span` Adam steps (an int, or an int32 array up to `max_span`) in one
+        # surrogate step, integrated with the step ``dt / substeps`` throughout.
         def vector_field(s, y, args):
             a, m, v = y
             count0, nu_max = args
@@ -124,21 +126,26 @@ def adam_surrogate(
         y0 = to_fit((params, base_state.mu, base_state.nu))
         count0 = base_state.count.astype(dtype)
         nu_max0 = None if base_state.nu_max is None else to_fit(base_state.nu_max)
+        dt_ = jnp.asarray(dt, dtype)
         (a1, m1, v1), ok = integrate(
             vector_field,
             y0,
-            jnp.asarray(dt, dtype),
+            span * dt_,
             solver=solver,
             substeps=substeps,
             stepsize_controller=stepsize_controller,
-            max_steps=max_steps,
+            max_steps=max_steps * max_span,
             args=(count0, nu_max0),
+            dt0=None if max_span == 1 else dt_ / substeps,
         )
-        count = optax.safe_increment(base_state.count)
+        if max_span == 1:
+            count = optax.safe_increment(base_state.count)
+        else:
+            count = base_state.count + jnp.asarray(span, base_state.count.dtype)
         nu_max = None
         if nu_max0 is not None:
             # The running max is over the bias-corrected v at the step's end, as in optax.
-            c2 = 1 - b2 ** (count0 + jnp.asarray(dt, dtype) / eta)
+            c2 = 1 - b2 ** (count0 + span * dt_ / eta)
             nu_max = optax.tree.cast_like(
                 jax.tree_util.tree_map(lambda vm, v: jnp.maximum(vm, v / c2), nu_max0, v1),
                 base_state.nu_max,
@@ -185,6 +192,7 @@ def lgf_adam(
     check_tolerance: float = 0.0,
     adaptive: bool = False,
     max_surrogate_steps: int | None = None,
+    max_horizon: int = 8,
     buffer_dtype=None,
     amsgrad: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -234,7 +242,8 @@ def lgf_adam(
     - `max_step_ratio`: trust-region factor, or None for no bound.
     - `check_every`, `check_tolerance`: the `value_fn` acceptance test, as in
       `lgfjax.lgf`; a rollback restores the parameters and the Adam moments.
-    - `adaptive`, `max_surrogate_steps`: as in `lgfjax.lgf`.
+    - `adaptive`, `max_surrogate_steps`, `max_horizon`: as in `lgfjax.lgf` (a surrogate
+      step of horizon h advances Adam's step count by h).
     - `buffer_dtype`: storage dtype of the iterate and gradient buffers.
     - `amsgrad`: use AMSGrad's running max of ``vhat`` (as `optax.amsgrad`).
 
@@ -340,6 +349,7 @@ def lgf_adam(
                 check_every=check_every,
                 adaptive=adaptive,
                 max_surrogate_steps=max_surrogate_steps,
+                max_horizon=max_horizon,
             ),
             buffer_dtype=buffer_dtype,
         )

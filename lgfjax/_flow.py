@@ -66,6 +66,7 @@ def integrate(
     max_steps: int,
     t0=0.0,
     args=None,
+    dt0=None,
 ) -> tuple[Float[Array, "..."], Bool[Array, ""]]:
     """Integrate ``dy/dt = vector_field(t, y, args)`` from `t0` to `t1`.
 
@@ -73,7 +74,8 @@ def integrate(
     raises here (``throw=False``), and no backward pass is ever built (forward-mode
     adjoint), because the surrogate step is not differentiated.
     """
-    dt0 = (t1 - t0) / substeps
+    if dt0 is None:
+        dt0 = (t1 - t0) / substeps
 
     def solve(y0, args, field):
         sol = diffrax.diffeqsolve(

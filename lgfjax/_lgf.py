@@ -478,6 +478,7 @@ def lgf(
     check_tolerance: float = 0.0,
     adaptive: bool = False,
     max_surrogate_steps: int | None = None,
+    max_horizon: int = 8,
     buffer_dtype=None,
 ) -> optax.GradientTransformationExtraArgs:
     """Learned gradient flow (LGF) around any optax optimiser.
@@ -554,6 +555,11 @@ def lgf(
 
     - `max_surrogate_steps`: the longest phase (default ``4 (M - K)`` fixed with
       `adaptive`, ``50 K`` verified).
+    - `max_horizon`: verified schedule: the longest time one surrogate step
+      integrates, in units of `dt` (a power of two; 1 keeps every step at `dt`). A
+      confirmed phase of at least ``4 K`` steps doubles the horizon, any failure
+      halves it, so a flow that stays right covers more ground per update (the
+      integrator's own step stays ``dt / substeps``; the trust region grows with it).
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
     `lgfjax.LGFState` (fixed) or a `VerifiedState` (verified).
@@ -643,16 +649,20 @@ def lgf(
     )
     steps_cap = 16 * substeps if max_steps is None else max_steps
 
-    def surrogate_fn(model, params, base_state, dtype):
+    def surrogate_fn(model, params, base_state, dtype, span=1, max_span=1):
+        # `span` (an int, or an int32 array up to `max_span`) steps of `dt` in one
+        # surrogate step; the integrator's step stays ``dt / substeps``.
         z0 = model.project(params, dtype)
+        dt_ = jnp.asarray(dt, dtype)
         z1, ok = integrate(
             model.flow,
             z0,
-            jnp.asarray(dt, dtype),
+            span * dt_,
             solver=solver,
             substeps=substeps,
             stepsize_controller=stepsize_controller,
-            max_steps=steps_cap,
+            max_steps=steps_cap * max_span,
+            dt0=None if max_span == 1 else dt_ / substeps,
         )
         return model.lift(z1 - z0, params), base_state, ok
 
@@ -675,6 +685,7 @@ def lgf(
                 check_every=check_every,
                 adaptive=adaptive,
                 max_surrogate_steps=max_surrogate_steps,
+                max_horizon=max_horizon,
             ),
             buffer_dtype=buffer_dtype,
         )
@@ -741,7 +752,14 @@ def resolve_schedule(schedule, history_size, retrain_interval, rank, center):
 
 
 def verified_config(
-    fit: FitConfig, *, verify_tolerance, max_step_ratio, check_every, adaptive, max_surrogate_steps
+    fit: FitConfig,
+    *,
+    verify_tolerance,
+    max_step_ratio,
+    check_every,
+    adaptive,
+    max_surrogate_steps,
+    max_horizon,
 ):
     """Check the verified schedule's own options and build its `VerifiedConfig`."""
     from ._verified import VerifiedConfig
@@ -764,11 +782,17 @@ def verified_config(
     if max_surrogate_steps is None:
         max_surrogate_steps = 50 * K
     check_positive_int("max_surrogate_steps", max_surrogate_steps)
+    if not (isinstance(max_horizon, int) and max_horizon >= 1 and max_horizon & (max_horizon - 1) == 0):
+        raise ValueError(
+            f"`max_horizon` must be a power of two >= 1 (surrogate steps of up to that many "
+            f"`dt`), got {max_horizon!r}."
+        )
     return VerifiedConfig(
         fit=fit,
         max_step_ratio=max_step_ratio,
         verify_tolerance=verify_tolerance,
         first_length=K,
         max_length=max_surrogate_steps,
+        max_horizon=max_horizon,
         refresh=max(2, K // 2),
     )

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._fit import (
@@ -44,12 +45,14 @@ from ._fit import (
 from ._flow import PolynomialFlow
 from ._lgf import SurrogateModel, _fit_dtype, _zeros_along, flat_unravel, once_or_never
 from ._library import library_size
+from ._pod import gathered, tree_project
 
 
 class Schedule(NamedTuple):
     phase: Int[Array, ""]  # 0: the next update is a true step; 1: surrogate
     todo: Int[Array, ""]  # steps left in this phase (true steps before a fit, or surrogate)
     length: Int[Array, ""]  # length of the next surrogate phase
+    horizon: Int[Array, ""]  # time of one surrogate step, in units of `dt` (a power of 2)
     verify: Bool[Array, ""]  # the next true step judges the phase that just ended
     count: Int[Array, ""]  # updates applied
 
@@ -119,6 +122,7 @@ class VerifiedConfig(NamedTuple):
     verify_tolerance: float
     first_length: int
     max_length: int
+    max_horizon: int  # longest surrogate step, in units of `dt` (1: never outrun the base)
     refresh: int
 
 
@@ -173,7 +177,9 @@ def make_verified(
         base_state = base_init(params)
         zero_f = lambda: jnp.zeros((), dtype)  # noqa: E731
         return VerifiedState(
-            schedule=Schedule(_i32(0), _i32(K), _i32(cfg.first_length), jnp.asarray(False), _i32()),
+            schedule=Schedule(
+                _i32(0), _i32(K), _i32(cfg.first_length), _i32(1), jnp.asarray(False), _i32()
+            ),
             base_state=base_state,
             buffers=Buffers(buffer(K), buffer(K), _i32(), _i32()),
             model=Model(
@@ -230,11 +236,14 @@ def make_verified(
 
         def surrogate_step(base_state):
             sm = _surrogate_model(model, degree, bias, params)
-            step, new_base, solver_ok = surrogate_fn(sm, params, base_state, dtype)
+            step, new_base, solver_ok = surrogate_fn(
+                sm, params, base_state, dtype, sch.horizon, cfg.max_horizon
+            )
             length = optax.tree.norm(step)
+            bound = model.step_bound * sch.horizon.astype(dtype)
             code = jnp.where(solver_ok, OK, SOLVER_FAILED)
             code = jnp.where((code == OK) & ~jnp.isfinite(length), NONFINITE_STEP, code)
-            code = jnp.where((code == OK) & (length > model.step_bound), STEP_TOO_LARGE, code)
+            code = jnp.where((code == OK) & (length > bound), STEP_TOO_LARGE, code)
             ok = code == OK
             step = optax.tree.where(ok, step, zeros)
             new_base = optax.tree.where(ok, new_base, base_state)
@@ -247,11 +256,16 @@ def make_verified(
         measured = target_fn(updates, step)
 
         def flow_error(_):
+            # In the model's own coordinates: a POD model can only be right about the
+            # part of the measurement inside its subspace (the rest is what the fit
+            # left out from the start, and the loss judges its effect).
             sm = _surrogate_model(model, degree, bias, params)
-            predicted = sm.lift(sm.flow(0.0, sm.project(params, dtype)), like=params)
-            return _relative_error(optax.tree.cast_like(predicted, measured), measured).astype(
-                dtype
-            )
+            predicted = sm.flow(0.0, sm.project(params, dtype))
+            if model.basis is None:
+                seen = ravel_pytree(gathered(measured))[0].astype(dtype)
+            else:
+                seen = tree_project(model.basis, measured, dtype)
+            return _relative_error(predicted, seen).astype(dtype)
 
         err = jax.lax.cond(judging, flow_error, lambda _: jnp.zeros((), dtype), None)
         err = jnp.where(jnp.isfinite(err), err, jnp.inf)
@@ -287,6 +301,11 @@ def make_verified(
         phase_over = ~is_true & ((sch.todo <= 1) | (code != OK))
         length = jnp.where(agree, jnp.minimum(2 * sch.length, cfg.max_length), sch.length)
         length = jnp.where(failed, jnp.maximum(sch.length // 2, 1), length)
+        # Steps outrun the base only once phases are long: a confirmed phase of at
+        # least 4 K steps also doubles the horizon; any failure halves it.
+        grow = agree & (sch.length >= jnp.minimum(4 * cfg.first_length, cfg.max_length))
+        horizon = jnp.where(grow, jnp.minimum(2 * sch.horizon, cfg.max_horizon), sch.horizon)
+        horizon = jnp.where(failed, jnp.maximum(sch.horizon // 2, 1), horizon)
         # After a disagreement the judging step itself is one of the `refresh` fresh
         # steps, unless it was undone; `refresh >= 2`, so no fit follows at once.
         todo = jnp.where(disagree, cfg.refresh - (~undo).astype(jnp.int32), sch.todo - 1)
@@ -352,6 +371,7 @@ def make_verified(
                 phase=next_phase.astype(jnp.int32),
                 todo=todo.astype(jnp.int32),
                 length=length.astype(jnp.int32),
+                horizon=horizon.astype(jnp.int32),
                 verify=phase_over,
                 count=sch.count + 1,
             ),
