@@ -782,7 +782,8 @@ def verified_config(
     if max_surrogate_steps is None:
         max_surrogate_steps = 50 * K
     check_positive_int("max_surrogate_steps", max_surrogate_steps)
-    if not (isinstance(max_horizon, int) and max_horizon >= 1 and max_horizon & (max_horizon - 1) == 0):
+    power_of_two = isinstance(max_horizon, int) and max_horizon >= 1
+    if not (power_of_two and max_horizon & (max_horizon - 1) == 0):
         raise ValueError(
             f"`max_horizon` must be a power of two >= 1 (surrogate steps of up to that many "
             f"`dt`), got {max_horizon!r}."
