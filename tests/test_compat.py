@@ -7,12 +7,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from problems import quadratic, run
+from problems import perturb, quadratic, run
 
 import lgfjax
 from lgfjax._adam import lgf_adam
 
 K, M = 4, 10
+EPS64 = 2.0**-52
+
+
+def _fit_tolerance(state, scale):
+    """Bound on how far two float64 runs that round differently can drift apart.
+
+    The fit solves least squares on the degree-1 library [1, x] of the recorded iterates,
+    so an ulp-level difference in the data moves the learned coefficients by ~kappa eps64
+    relative (kappa: the library's condition), and the surrogate steps by that fraction
+    of the distance they cover (< `scale`). Margin 10x; a real mismatch is O(scale).
+    """
+    x = np.asarray(lgfjax._state.find_state(state).trajectory)
+    x = x.reshape(x.shape[0], -1)
+    kappa = float(np.linalg.cond(np.hstack([np.ones((x.shape[0], 1)), x])))
+    return 10 * kappa * EPS64 * scale
 
 
 def make(kind, **kw):
@@ -31,20 +46,27 @@ def test_extra_kwargs_are_accepted_and_ignored(kind):
     state = opt.init(params)
     u1, s1 = opt.update(params, state, params)
     u2, s2 = opt.update(params, state, params, unrelated=3, value=jnp.ones(()), grad=params)
+    # Bitwise: the same computation on the same inputs (the extras are never read).
     np.testing.assert_array_equal(u1, u2)
     for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2)):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", KINDS)
 def test_chain_and_state_lookup(kind):
     opt = optax.chain(optax.clip_by_global_norm(10.0), make(kind))
     problem = quadratic(n=3)
     params, state, losses = run(opt, problem, 2 * M)
+    # Exact: the schedule takes K true steps per cycle and no guard can fire. The
+    # quadratic's gradient is exactly linear in x, so the float64 fit is exact to kappa
+    # eps64 (~1e-12); velocities ~0.1 are far above the 1e-8 threshold and the learned
+    # flow contracts, far inside the trust region of 3x the last true step.
     assert int(lgfjax.gradient_evaluations(state)) == 2 * K
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.numerics
 def test_inject_hyperparams():
     # Numeric hyperparameters can be injected; sizes stay static.
     static = (
@@ -68,18 +90,22 @@ def test_inject_hyperparams():
     problem = quadratic(n=2)
     grad = jax.grad(problem.loss)
 
-    def trajectory(opt, state):
+    def trajectory(opt, state, with_state=False):
         update = jax.jit(opt.update)
         x, xs = problem.x0, []
         for _ in range(2 * M):
             u, state = update(grad(x), state, x)
             x = optax.apply_updates(x, u)
             xs.append(x)
-        return np.stack(xs)
+        return (np.stack(xs), state) if with_state else np.stack(xs)
 
-    injected = trajectory(opt, opt.init(problem.x0))
+    injected, state = trajectory(opt, opt.init(problem.x0), with_state=True)
+    # Hyperparameters read from the state instead of folded in as constants: the two
+    # programs round differently (measured 5e-14 relative), which the fit amplifies by
+    # its library's condition (~3e3 here); see _fit_tolerance. |x| <= |x0| = 1.
+    tol = _fit_tolerance(state, scale=1.0)
     np.testing.assert_allclose(
-        injected, trajectory(make("lgf"), make("lgf").init(problem.x0)), rtol=1e-12
+        injected, trajectory(make("lgf"), make("lgf").init(problem.x0)), rtol=0, atol=tol
     )
     # A new threshold set in the state takes effect: it matches an optimiser built
     # with it. (dt alone would not do: the learned flow scales as 1/dt and is then
@@ -90,10 +116,14 @@ def test_inject_hyperparams():
     rebuilt = lgfjax.lgf(
         optax.sgd(0.1), history_size=K, retrain_interval=M, dt=0.1, threshold=100.0
     )
-    np.testing.assert_allclose(changed, trajectory(rebuilt, rebuilt.init(problem.x0)), rtol=1e-12)
-    assert not np.allclose(changed, injected)
+    # (Threshold 100 drops every term, so both fall back to the same SGD steps.)
+    np.testing.assert_allclose(
+        changed, trajectory(rebuilt, rebuilt.init(problem.x0)), rtol=0, atol=tol
+    )
+    assert not np.allclose(changed, injected)  # they differ by ~0.07
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", KINDS)
 def test_multisteps_wrapping(kind):
     opt = optax.MultiSteps(make(kind), every_k_schedule=2)
@@ -109,6 +139,8 @@ def test_multisteps_wrapping(kind):
     for _ in range(4 * M):
         x, s = step(x, s)
     inner = lgfjax.diagnostics(s.inner_opt_state)
+    # Exact: MultiSteps passes every 2nd update on; the K true steps per cycle are the
+    # schedule's, no guard can fire (see test_chain_and_state_lookup).
     assert int(inner.steps) == 2 * M and int(inner.gradient_evaluations) == 2 * K
     assert float(problem.loss(x)) < float(problem.loss(problem.x0))
 
@@ -168,6 +200,7 @@ def test_no_recompilation_on_later_updates(kind):
     assert step._cache_size() == 1
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", KINDS)
 def test_vmap_over_independent_runs(kind):
     # Under vmap lax.cond becomes select: every branch runs, but results are exact.
@@ -182,11 +215,16 @@ def test_vmap_over_independent_runs(kind):
             return (optax.apply_updates(x, u), s), None
 
         (x, s), _ = jax.lax.scan(body, (x0, opt.init(x0)), None, length=2 * M)
-        return x, s.gradient_evaluations
+        return x, s
 
     starts = jnp.stack([jnp.array([1.0, 2.0]), jnp.array([-0.5, 0.3]), jnp.array([3.0, -1.0])])
-    xs, evals = jax.jit(jax.vmap(trajectory))(starts)
+    starts = perturb(starts)
+    xs, states = jax.jit(jax.vmap(trajectory))(starts)
     for i in range(starts.shape[0]):
-        x, e = jax.jit(trajectory)(starts[i])
-        np.testing.assert_allclose(xs[i], x, rtol=1e-12, atol=1e-14)
-        assert int(evals[i]) == int(e) == 2 * K
+        x, s = jax.jit(trajectory)(starts[i])
+        # Batched and unbatched programs round differently (measured <= 1.4e-15), which
+        # the fit amplifies by its library's condition (up to ~1e4); see _fit_tolerance.
+        tol = _fit_tolerance(s, scale=float(jnp.max(jnp.abs(starts[i]))))
+        np.testing.assert_allclose(xs[i], x, rtol=0, atol=tol)
+        # Exact: K true steps per cycle, no guard fires (see test_chain_and_state_lookup).
+        assert int(states.gradient_evaluations[i]) == int(s.gradient_evaluations) == 2 * K
