@@ -146,13 +146,16 @@ def make_problem(
 
 
 def make_optimisers(
-    lr: float = LEARNING_RATE, include_bias: bool = False
+    lr: float = LEARNING_RATE, include_bias: bool = False, default: bool = False
 ) -> dict[str, optax.GradientTransformation]:
     """Plain SGD and LGF around the same SGD, in the paper's configuration.
 
     `include_bias=True` fits an affine flow ``dz/dt = b + A z`` instead of the paper's
     linear ``dz/dt = A z`` (whose only fixed point is the origin, not the solution).
+    `default=True` adds ``lgfjax.lgf(optax.sgd(lr), dt=lr)`` with nothing else: the
+    library's verified schedule, untuned.
     """
+    extra = {"LGF default": lgfjax.lgf(optax.sgd(lr), dt=lr)} if default else {}
     return {
         "SGD": optax.sgd(lr),
         "LGF": lgfjax.lgf(
@@ -172,7 +175,7 @@ def make_optimisers(
             solver=lgfjax.RK4(),
             substeps=1,
         ),
-    }
+    } | extra
 
 
 def counted(fun: Callable, counter: Callable[[], None]) -> Callable:
@@ -215,10 +218,13 @@ def run(objective: Callable, optimiser, a0, steps: int) -> Run:
     def step(carry, _):
         params, state = carry
         if lgf:
-            _, grads = value_and_grad(params, state)
+            # The loss comes free with the gradient (NaN in surrogate steps); the
+            # verified schedule judges each surrogate phase by it.
+            value, grads = value_and_grad(params, state)
+            updates, state = optimiser.update(grads, state, params, value=value)
         else:
             grads = jax.grad(objective)(params)
-        updates, state = optimiser.update(grads, state, params)
+            updates, state = optimiser.update(grads, state, params)
         params = optax.apply_updates(params, updates)
         used = lgfjax.gradient_evaluations(state) if lgf else jnp.int32(-1)
         return (params, state), (params, used)
@@ -351,7 +357,7 @@ def main(argv=None):
     problem = make_problem()
     runs = {
         name: run(problem.objective, opt, START, steps)
-        for name, opt in make_optimisers(include_bias=args.bias).items()
+        for name, opt in make_optimisers(include_bias=args.bias, default=True).items()
     }
     misfits = {name: misfit_along(problem, r.iterates) for name, r in runs.items()}
     print(
@@ -368,9 +374,10 @@ def main(argv=None):
         f"{float(d.fit_residual):.3g}, {int(d.active_terms)} active terms"
     )
     hits = {k: first_below(misfits[k], TARGET_MISFIT) for k in runs}
-    if hits["SGD"] is not None and hits["LGF"] is not None:
-        ratio = runs["LGF"].evaluations[hits["LGF"]] / runs["SGD"].evaluations[hits["SGD"]]
-        print(f"LGF / SGD true evaluations to misfit < {TARGET_MISFIT:g}: {ratio:.3f}")
+    if all(h is not None for h in hits.values()):
+        for name in ("LGF", "LGF default"):
+            ratio = runs[name].evaluations[hits[name]] / runs["SGD"].evaluations[hits["SGD"]]
+            print(f"{name} / SGD true evaluations to misfit < {TARGET_MISFIT:g}: {ratio:.3f}")
     else:
         missing = [k for k, v in hits.items() if v is None]
         print(f"not reached in {steps} steps by: {', '.join(missing)}")

@@ -116,10 +116,14 @@ def _run(problem: HeatProblem, opt, direction, steps: int, value_fn: bool) -> Ru
         a = params * problem.scale
         return jnp.linalg.norm(grad_a(a)), problem.energy(params)
 
+    verified = isinstance(opt.init(problem.a0), lgfjax.VerifiedState)
+
     @jax.jit
     def step(params, state):
-        _, d = direction(params, state)
+        value, d = direction(params, state)
         extra = {"value_fn": problem.energy} if value_fn else {}
+        if verified:
+            extra["value"] = value  # free with the direction; judges each phase
         updates, state = opt.update(d, state, params, **extra)
         params = optax.apply_updates(params, updates)
         return params, state, monitor(params)
@@ -137,9 +141,10 @@ def _run(problem: HeatProblem, opt, direction, steps: int, value_fn: bool) -> Ru
         residual.append(float(res))
         energy.append(float(en))
         evals.append(_evaluations(state))
-        if isinstance(state, lgfjax.LGFState):
-            fallbacks.append(int(state.fallbacks))
-            status.append(int(state.status))
+        if isinstance(state, lgfjax.LGFState | lgfjax.VerifiedState):
+            d = lgfjax.diagnostics(state)
+            fallbacks.append(int(d.fallbacks))
+            status.append(int(d.status))
         else:
             fallbacks.append(0)
             status.append(0)
@@ -158,7 +163,7 @@ def _run(problem: HeatProblem, opt, direction, steps: int, value_fn: bool) -> Ru
 
 
 def _evaluations(state) -> int:
-    if isinstance(state, lgfjax.LGFState):
+    if isinstance(state, lgfjax.LGFState | lgfjax.VerifiedState):
         return int(lgfjax.gradient_evaluations(state))
     return int(state.count)
 
@@ -209,6 +214,12 @@ def run_lgf(problem: HeatProblem, steps: int, eta: float = 0.15, **kwargs) -> Ru
     opt = lgf_optimizer(eta, **kwargs)
     value_fn = kwargs.get("check_every") is not None
     return _run(problem, opt, value_and_newton_direction(problem.energy), steps, value_fn)
+
+
+def run_default(problem: HeatProblem, steps: int, eta: float = 0.15) -> Run:
+    """``lgfjax.lgf(newton(eta), dt=eta)`` with nothing else: the verified schedule."""
+    opt = lgfjax.lgf(newton(eta), dt=eta)
+    return _run(problem, opt, value_and_newton_direction(problem.energy), steps, False)
 
 
 def evaluations_to_reach(run: Run, target: float, key: str = "residual") -> int | None:

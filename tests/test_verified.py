@@ -47,6 +47,41 @@ def test_quadratic_default_lgf_saves_most_gradients():
     assert float(loss(p)) < 1e-12
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("max_horizon", [1, 4])
+def test_confirmed_flow_outruns_the_base(max_horizon):
+    # A slow quadratic (eigenvalues 0.01..0.04, lr 0.1): gradient descent needs ~5000
+    # steps to shrink the loss by 1e-8. The linear model is exact to rounding (see
+    # above), so every judgement agrees; phases double up to 4 K = 40 steps, and each
+    # later confirmed phase doubles the horizon up to `max_horizon` dt per step.
+    d = jnp.array([0.01, 0.04])
+    loss = lambda x: 0.5 * jnp.sum(d * x**2)  # noqa: E731
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1, max_horizon=max_horizon, max_surrogate_steps=40)
+    x0 = perturb(jnp.ones(2))
+    p, s = run(opt, loss, x0, 600)
+    assert int(s.info.verified) == int(s.info.verifications) >= 5
+    assert int(s.info.fallbacks) == 0
+    assert int(s.schedule.horizon) == max_horizon
+    # The surrogate follows the exact flow exp(-t D) x0 (RK4 with h = dt: relative
+    # error per step ~ (h lambda)^5 / 120 < 1e-11), so after 600 updates it has covered
+    # at least (600 - 10 true steps - judgements) x dt x (1 for max_horizon=1); with a
+    # horizon of 4 it gets much further than gradient descent's 600 steps: the loss
+    # factor exp(-2 lambda_min t) at t >= 60 is <= exp(-1.2); at t >= 150, <= exp(-3).
+    sgd_loss = float(loss(x0 * (1 - 0.1 * d) ** 600))
+    if max_horizon == 1:
+        assert float(loss(p)) <= 1.01 * sgd_loss  # no faster than the base per step...
+    else:
+        assert float(loss(p)) < 0.2 * sgd_loss  # ...unless steps outrun it
+    assert int(lgfjax.gradient_evaluations(s)) == 10 + int(s.info.verifications)
+
+
+def test_max_horizon_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="max_horizon"):
+        lgfjax.lgf(optax.sgd(0.1), dt=0.1, max_horizon=3)
+    with pytest.raises(ValueError, match="max_horizon"):
+        lgfjax.lgf_adam(0.1, max_horizon=0)
+
+
 @pytest.mark.parametrize("use_value", [True, False], ids=["value", "no_value"])
 @pytest.mark.numerics
 def test_argtrigls_lgf_adam_never_worse_than_adam(use_value):
