@@ -31,6 +31,7 @@ class Status(enum.IntEnum):
     VALUE_REJECTED = 7
     FLOW_DISAGREED = 8
     LOSS_ROSE = 9
+    NONFINITE_GRADIENT = 10
 
 
 # Module-level names kept for the engine code.
@@ -44,6 +45,7 @@ STEP_TOO_LARGE = Status.STEP_TOO_LARGE.value
 VALUE_REJECTED = Status.VALUE_REJECTED.value
 FLOW_DISAGREED = Status.FLOW_DISAGREED.value
 LOSS_ROSE = Status.LOSS_ROSE.value
+NONFINITE_GRADIENT = Status.NONFINITE_GRADIENT.value
 
 STATUS_MESSAGES = {
     OK: "ok",
@@ -56,6 +58,7 @@ STATUS_MESSAGES = {
     VALUE_REJECTED: "value_fn rejected the surrogate phase; rolled back",
     FLOW_DISAGREED: "the true step after the surrogate phase disagreed with the learned flow",
     LOSS_ROSE: "the loss rose over the surrogate phase; rolled back",
+    NONFINITE_GRADIENT: "a true step's gradient or update was not finite; the step was skipped",
 }
 
 

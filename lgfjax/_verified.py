@@ -35,6 +35,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from ._fit import (
     FLOW_DISAGREED,
     LOSS_ROSE,
+    NONFINITE_GRADIENT,
     NONFINITE_STEP,
     OK,
     SOLVER_FAILED,
@@ -136,6 +137,11 @@ def _surrogate_model(model: Model, degree, include_bias, params) -> SurrogateMod
     return SurrogateModel(flow, model.basis, unravel, model.origin)
 
 
+def _all_finite(tree):
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _relative_error(predicted, measured):
     diff = optax.tree.norm(optax.tree.sub(predicted, measured))
     size = optax.tree.norm(measured)
@@ -231,8 +237,18 @@ def make_verified(
 
         # 1. The step itself: the base's true step, or one step of the learned flow.
         def true_step(base_state):
-            new_updates, base_state = base_update(updates, base_state, params, **extra_args)
-            return as_updates(new_updates), base_state, _i32(OK)
+            # A non-finite gradient (or base update) never reaches the parameters: the
+            # step is skipped as by `optax.apply_if_finite`, the base state stays, and
+            # the run resumes when the gradients are finite again.
+            new_updates, new_base = base_update(updates, base_state, params, **extra_args)
+            finite = _all_finite(updates) & _all_finite(new_updates)
+            new_updates = optax.tree.where(finite, as_updates(new_updates), zeros)
+            new_base = optax.tree.where(finite, new_base, base_state)
+            return (
+                new_updates,
+                new_base,
+                jnp.where(finite, OK, NONFINITE_GRADIENT).astype(jnp.int32),
+            )
 
         def surrogate_step(base_state):
             sm = _surrogate_model(model, degree, bias, params)
@@ -250,6 +266,7 @@ def make_verified(
             return as_updates(step), new_base, code.astype(jnp.int32)
 
         step, base_state, code = jax.lax.cond(is_true, true_step, surrogate_step, state.base_state)
+        skipped = is_true & (code == NONFINITE_GRADIENT)
 
         # 2. The judgement of the phase that just ended, by this true step (free).
         judging = is_true & sch.verify
@@ -278,10 +295,12 @@ def make_verified(
         disagree = judging & ~agree
         step = optax.tree.where(undo, as_updates(optax.tree.sub(anchor.params, params)), step)
         base_state = optax.tree.where(undo, anchor.base_state, base_state)
-        code = jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
+        code = jnp.where(
+            skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
+        )
 
-        # 3. Record the pair (never a point that is being undone).
-        record = is_true & ~undo
+        # 3. Record the pair (never a point that is being undone, nor a skipped step).
+        record = is_true & ~undo & ~skipped
 
         def write(b):
             points, targets = b
@@ -297,7 +316,7 @@ def make_verified(
         filled = jnp.minimum(buf.filled + record, K)
 
         # 4. The schedule: how many true steps are left, when to fit, how long a phase.
-        failed = (~is_true & (code != OK)) | disagree | undo
+        failed = (~is_true & (code != OK)) | disagree | undo | skipped
         phase_over = ~is_true & ((sch.todo <= 1) | (code != OK))
         length = jnp.where(agree, jnp.minimum(2 * sch.length, cfg.max_length), sch.length)
         length = jnp.where(failed, jnp.maximum(sch.length // 2, 1), length)
