@@ -181,11 +181,13 @@ def logistic_regression(seed: int = 0, samples: int = 200, features: int = 5) ->
     return Problem("logistic_regression", loss, jnp.zeros(features), w, 1.0)
 
 
-def trace(opt, problem: Problem, steps: int, *, value_fn: bool = False):
+def trace(opt, problem: Problem, steps: int, *, value_fn: bool = False, value: bool = False):
     """Run `steps` updates in one `lax.scan`; returns (params, state, losses,
     gradient evaluations after each step). Losses are measured after every step for
     reporting only; the optimiser itself evaluates `problem.loss` only through
-    `lgfjax.value_and_grad` (and `value_fn` checks), which the state counts."""
+    `lgfjax.value_and_grad` (and `value_fn` checks), which the state counts. With
+    `value`, the loss that comes free with each true gradient is passed as the extra
+    argument ``value`` (the verified schedule judges its phases by it)."""
     import optax
 
     import lgfjax
@@ -195,8 +197,10 @@ def trace(opt, problem: Problem, steps: int, *, value_fn: bool = False):
 
     def body(carry, _):
         params, state = carry
-        _, grads = grad_fn(params, state)
+        v, grads = grad_fn(params, state)
         extra = {"value_fn": loss} if value_fn else {}
+        if value:
+            extra["value"] = v
         updates, state = opt.update(grads, state, params, **extra)
         params = optax.apply_updates(params, updates)
         return (params, state), (loss(params), lgfjax.gradient_evaluations(state))

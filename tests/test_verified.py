@@ -2,9 +2,10 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
-from problems import perturb
+from problems import evaluations_to_reach, perturb, safeguard_set, trace, trace_base
 
 import lgfjax
 
@@ -173,3 +174,27 @@ def test_nonfinite_gradient_never_reaches_the_parameters(kind):
     # SGD contracts the error by 0.8 per step; Adam at a constant lr of 0.1 stalls in a
     # band of O(lr) per coordinate, a loss of O(n lr^2) = 0.02: both end far below 0.1x.
     assert float(good(p)) < 0.1 * float(good(x0))
+
+
+# The safeguard set at the reduced sizes of tests/test_problem_set.py.
+SAFEGUARD_CASES = list(zip(safeguard_set(), (600, 600, 600, 200, 200)))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize(
+    "problem, steps", SAFEGUARD_CASES, ids=[c[0].name.split("(")[0] for c in SAFEGUARD_CASES]
+)
+def test_default_needs_no_more_gradients_than_gradient_descent(problem, steps):
+    # Issue 13: the default, untuned, judged by the free loss, never needs more true
+    # gradients than gradient descent to reach its loss after `steps` steps, in at
+    # most 3x the steps, and never emits a non-finite iterate (rollbacks and guards).
+    base = optax.sgd(problem.lr)
+    _, base_losses, base_evals = trace_base(base, problem, steps)
+    target = float(base_losses[-1]) * (1 + 1e-9)  # 1e-9: far above rounding of a loss
+    base_needs = evaluations_to_reach(base_losses, base_evals, target)
+    opt = lgfjax.lgf(base, dt=problem.lr)
+    _, state, losses, evals = trace(opt, problem, 3 * steps, value=True)
+    assert np.all(np.isfinite(losses))
+    needs = evaluations_to_reach(losses, evals, target)
+    assert needs is not None and needs <= base_needs, (needs, base_needs)
+    assert int(lgfjax.diagnostics(state).value_evaluations) == 0  # the loss came free

@@ -1,0 +1,214 @@
+"""Compile time of a jitted training step: LGF against its base and against its parts.
+
+A tanh MLP (1,185 weights, float32 as a network would be) trained on a fixed batch.
+For each optimiser the whole training step (gated objective + gradient, `update`,
+`apply_updates`) is jitted and timed as ``lower`` (tracing + lowering to StableHLO)
+and ``compile`` (XLA), with the size of the optimised HLO module. The parts of an
+LGF step are compiled on their own at the same sizes:
+
+- the fit: `lgfjax._fit.fit_pairs` on (K, n) buffers (POD, library, STLSQ);
+- one surrogate step: the diffrax solve of the learned flow, lifted to parameters;
+- the base step: the plain optax step (objective, gradient, update).
+
+"sum of parts" is base + fit + surrogate; the ratio LGF / sum says how much the
+engine adds by itself (conditionals, guards, recompiled pieces). Kinds are
+interleaved over `--repeats` rounds and the minimum is reported, so that load on a
+shared machine inflates the numbers as little as possible. Read ratios, not seconds.
+
+    python benchmarks/bench_compile.py [--repeats 2]
+"""
+
+import argparse
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lgfjax
+from lgfjax._fit import fit_pairs
+from lgfjax._flow import RK4, PolynomialFlow, integrate
+from lgfjax._library import library_size
+from lgfjax._pod import tree_lift, tree_project
+
+
+def mlp(seed=0, width=32, depth=2, samples=64):
+    key = jax.random.PRNGKey(seed)
+    sizes = [4] + [width] * depth + [1]
+    params = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        key, k = jax.random.split(key)
+        params.append({"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)})
+    key, kx = jax.random.split(key)
+    x = jax.random.normal(kx, (samples, 4))
+    y = jnp.sin(x.sum(axis=1, keepdims=True))
+
+    def loss(p):
+        h = x
+        for layer in p[:-1]:
+            h = jnp.tanh(h @ layer["w"] + layer["b"])
+        out = h @ p[-1]["w"] + p[-1]["b"]
+        return jnp.mean((out - y) ** 2)
+
+    return params, loss
+
+
+def hlo_ops(compiled) -> int:
+    """Instructions in the optimised HLO module (a proxy for program size)."""
+    return len(re.findall(r"^\s+\S+ = ", compiled.as_text(), flags=re.M))
+
+
+def timed_compile(fn, *args):
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, hlo_ops(compiled)
+
+
+def step_for(opt, loss, lgf: bool):
+    if not lgf:
+
+        def step(p, s):
+            v, g = jax.value_and_grad(loss)(p)
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s, v
+
+        return step
+
+    def step(p, s):
+        v, g = lgfjax.value_and_grad(loss)(p, s)
+        u, s = opt.update(g, s, p, value=v)
+        return optax.apply_updates(p, u), s, v
+
+    return step
+
+
+def parts(params, K, rank, degree, dtype):
+    """Standalone fit and surrogate step at the sizes of an LGF step."""
+    import dataclasses
+
+    from lgfjax._fit import FitConfig
+
+    cfg = FitConfig(
+        history_size=K,
+        degree=degree,
+        include_bias=True,
+        rank=rank,
+        center=True,
+        derivative="tracked",
+        fd_order=2,
+        weak_width=None,
+        weak_power=4,
+        threshold=1e-8,
+        relative_threshold=True,
+        alpha=1e-6,
+        max_iter=20,
+        normalize_columns=True,
+        unbias=True,
+    )
+    rows = jax.tree_util.tree_map(lambda p: jnp.zeros((K, *p.shape), p.dtype), params)
+
+    def fit(points, targets, origin):
+        f = fit_pairs(dataclasses.replace(cfg), points, targets, origin, dtype)
+        return f.coefficients, f.basis
+
+    P = library_size(rank, degree, True)
+    basis = jax.tree_util.tree_map(lambda p: jnp.zeros((rank, *p.shape), p.dtype), params)
+    coef = jnp.zeros((P, rank), dtype)
+
+    def surrogate(coef, basis, p, origin):
+        flow = PolynomialFlow(coef, degree, True)
+        z0 = tree_project(basis, jax.tree_util.tree_map(lambda a, o: a - o, p, origin), dtype)
+        z1, ok = integrate(
+            flow,
+            z0,
+            jnp.asarray(0.1, dtype),
+            solver=RK4(),
+            substeps=1,
+            stepsize_controller=__import__("diffrax").ConstantStepSize(),
+            max_steps=16,
+        )
+        return tree_lift(basis, z1 - z0, p), ok
+
+    return (fit, (rows, rows, params)), (surrogate, (coef, basis, params, params))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    params, loss = mlp()
+    n = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+    dtype = jnp.float32
+    K = 10
+    kinds = {
+        "optax.sgd": (optax.sgd(0.1), False),
+        "optax.adam": (optax.adam(1e-2), False),
+        "lgf(sgd) default": (lgfjax.lgf(optax.sgd(0.1), dt=0.1), True),
+        "lgf(sgd) fixed K=20 M=60": (
+            lgfjax.lgf(optax.sgd(0.1), dt=0.1, history_size=20, retrain_interval=60),
+            True,
+        ),
+        "lgf(sgd) default rank 4 deg 2": (
+            lgfjax.lgf(optax.sgd(0.1), dt=0.1, rank=4, poly_order=2),
+            True,
+        ),
+        "lgf_adam default": (lgfjax.lgf_adam(1e-2), True),
+    }
+    (fit, fit_args), (sur, sur_args) = parts(params, K, K // 2, 1, dtype)
+    (fit2, fit2_args), (sur2, sur2_args) = parts(params, K, 4, 2, dtype)
+    best: dict[str, tuple] = {}
+    for _ in range(args.repeats):
+        for name, (opt, lgf) in kinds.items():
+            state = opt.init(params)
+            out = timed_compile(step_for(opt, loss, lgf), params, state)
+            best[name] = min(best.get(name, out), out, key=lambda t: t[0] + t[1])
+        for name, fn, a in (
+            ("part: fit (rank 5, deg 1)", fit, fit_args),
+            ("part: surrogate step (rank 5, deg 1)", sur, sur_args),
+            ("part: fit (rank 4, deg 2)", fit2, fit2_args),
+            ("part: surrogate step (rank 4, deg 2)", sur2, sur2_args),
+        ):
+            out = timed_compile(fn, *a)
+            best[name] = min(best.get(name, out), out, key=lambda t: t[0] + t[1])
+
+    def total(name):
+        return best[name][0] + best[name][1]
+
+    print(f"tanh MLP, n = {n} weights, float32, K = {K}; best of {args.repeats}, interleaved")
+    print(f"{'step':40s} {'lower [s]':>10s} {'compile [s]':>12s} {'HLO ops':>8s} {'x sgd':>6s}")
+    for name, (lo, co, ops) in best.items():
+        print(f"{name:40s} {lo:10.2f} {co:12.2f} {ops:8d} {total(name) / total('optax.sgd'):6.1f}")
+    for lgf_name, base, fit_name, sur_name in (
+        (
+            "lgf(sgd) default",
+            "optax.sgd",
+            "part: fit (rank 5, deg 1)",
+            "part: surrogate step (rank 5, deg 1)",
+        ),
+        (
+            "lgf(sgd) default rank 4 deg 2",
+            "optax.sgd",
+            "part: fit (rank 4, deg 2)",
+            "part: surrogate step (rank 4, deg 2)",
+        ),
+        (
+            "lgf_adam default",
+            "optax.adam",
+            "part: fit (rank 5, deg 1)",
+            "part: surrogate step (rank 5, deg 1)",
+        ),
+    ):
+        parts_sum = total(base) + total(fit_name) + total(sur_name)
+        print(
+            f"{lgf_name}: {total(lgf_name) / parts_sum:.2f}x the sum of its parts "
+            f"({total(lgf_name):.2f} s vs {parts_sum:.2f} s = base + fit + surrogate step)"
+        )
+
+
+if __name__ == "__main__":
+    main()
