@@ -22,7 +22,7 @@ def test_safeguarded_lgf_needs_no_more_gradients_than_gradient_descent(problem, 
     # rippled bowl GD has stalled at its rounding floor (its last two losses are equal),
     # and LGF's run converges to the same minimiser by another rounding path, landing
     # 2e-13 and 1e-11 relative above GD's value (measured); 1e-9 accepts any such
-    # floor (>= 90x margin) and nothing that has not converged.
+    # floor (>= 90x margin) and nothing worse than that.
     target = float(base_losses[-1]) * (1 + 1e-9)
     base_needs = evaluations_to_reach(base_losses, base_evals, target)
     opt = lgfjax.lgf(base, history_size=20, retrain_interval=60, dt=problem.lr, check_every=10)
