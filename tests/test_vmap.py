@@ -22,6 +22,10 @@ import pytest
 
 import lgfjax
 
+from .problems import perturb
+
+EPS64 = float(np.finfo(np.float64).eps)
+
 RUNS, STEPS, K, M, N = 16, 60, 8, 20, 4
 CURVATURE = jnp.asarray(np.linspace(1.0, 4.0, N))
 RANK = None  # full space; see `train`
@@ -81,7 +85,7 @@ def batch(kind):
         x0 = jnp.ones((RUNS, N))
         target = jnp.zeros((RUNS, N))
         lr = jnp.asarray(np.linspace(0.01, 0.1, RUNS))
-    return x0, target, lr
+    return perturb(x0), perturb(target), lr
 
 
 def counted(fn, *args):
@@ -91,21 +95,36 @@ def counted(fn, *args):
     return out, CALLS[0]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", ["seeds", "learning_rates"])
 def test_vmap_equals_separate_runs(kind):
     x0, target, lr = batch(kind)
     (params, losses, evals), batched_calls = counted(batched_train, x0, target, lr)
+    nudge = 1 + 4 * EPS64
     for i in range(RUNS):
         (p, loss_i, e), calls = counted(single_train, x0[i], target[i], lr[i])
-        np.testing.assert_allclose(params[i], p, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(losses[i], loss_i, rtol=1e-9, atol=1e-12)
+        # Batched and separate runs round their reductions differently: each fit and
+        # step differs by a few ulps, which the iterated fits amplify by the run's own
+        # condition. That amplification is measured directly: the same separate run from
+        # inputs moved by 4 ulps. The batched run is within 100x of that (measured
+        # <= 5.4x; ~1e-12 relative for the parameters), plus 4 ulps of the values.
+        p2, loss2, _ = single_train(x0[i] * nudge, target[i] * nudge, lr[i])
+        jax.effects_barrier()  # its counted callbacks must not reach the next count
+        tol_p = 100 * np.abs(p2 - p).max() + 4 * EPS64 * np.abs(p).max()
+        tol_l = 100 * np.abs(loss2 - loss_i).max() + 4 * EPS64 * np.abs(loss_i).max()
+        np.testing.assert_allclose(params[i], p, rtol=0, atol=tol_p)
+        np.testing.assert_allclose(losses[i], loss_i, rtol=0, atol=tol_l)
+        # The same discrete schedule: a guard decides differently only if its quantity
+        # lies within that ~1e-12 relative of its bound (2 of 32 runs fall back, alike).
         assert int(evals[i]) == int(e)
-        # A separate run evaluates the objective only at its true steps.
+        # A separate run evaluates the objective only at its true steps (exact: the
+        # callback fires once per true evaluation, lax.cond skips the others).
         assert calls == int(e) < STEPS
     # The caveat: vmapped, lax.cond is a select and the objective runs in every step,
     # for every run (the callback sees the batch at once, or run by run).
     assert batched_calls in (STEPS, STEPS * RUNS)
-    # The runs used surrogate phases, converged, and differ from each other.
+    # The runs used surrogate phases, converged, and differ from each other (measured:
+    # <= 33 of 60 true steps, loss down to <= 0.055x, spread 0.14): no rounding margins.
     assert np.all(np.asarray(evals) < STEPS)
     assert np.all(np.asarray(losses[:, -1]) < 0.1 * np.asarray(losses[:, 0]))
     assert float(jnp.std(params[:, 0])) > 1e-3
