@@ -16,9 +16,23 @@ what the base just measured there, and the loss (the `value` extra argument, whi
   "no motion at all", relative error > 1): undo the phase, back to where it began,
   then as for disagreement.
 
-Constraints kept from the fixed engine: the ``(K, n)`` buffers never pass through a
-`lax.cond`/`lax.switch` (XLA would copy them); conditional writes and the fit run in
-a while loop taken once or never (`once_or_never`); one array per counter.
+The engine (`make_verified`) is one `update` that reads as five module-level steps
+with explicit arguments: `take_step` (the base's true step, or one surrogate step
+with its guards), `judge` (the free verification), `record` (the ring buffer),
+`schedule_step` (the pure schedule rule) and `fit_model` (the refit). Where to add:
+
+- a base flow: a front-end passing its own ``surrogate_fn`` (one step of its ODE
+  over ``span * dt``) and ``target_fn`` (what a true step measured), as `lgf` (the
+  base's velocity) and `lgf_adam` (the gradient and the Adam ODE) do;
+- a guard: a status in `lgfjax.Status` and one line in `take_step` (surrogate) or
+  `judge` (verification); first failure wins;
+- a schedule rule: `schedule_step`, tested without an optimiser.
+
+Constraints the engine keeps (each was learned the hard way): the ``(K, n)`` buffers
+never pass through a `lax.cond`/`lax.switch` (XLA would copy them); conditional writes
+and the fit run in a while loop taken once or never (`once_or_never`); one array per
+counter, so states can be donated; shapes are fixed at `init` (nothing recompiles
+between steps or phases); on CPU, STLSQ solves its targets one at a time.
 """
 
 import dataclasses
@@ -166,244 +180,64 @@ def make_verified(
     K = fit_cfg.history_size
 
     def init_fn(params):
-        dtype = _fit_dtype(params)
-        n = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
-        rank = fit_cfg.rank
-        if rank == "auto":
-            rank = max(1, min(n, K // 2))
-        r = n if rank is None else rank
-        P = library_size(r, fit_cfg.degree, fit_cfg.include_bias)
-
-        def buffer(rows, leaf_dtype=None):
-            return jax.tree_util.tree_map(
-                lambda p: _zeros_along(p, rows, leaf_dtype or buffer_dtype or jnp.result_type(p)),
-                params,
-            )
-
-        base_state = base_init(params)
-        zero_f = lambda: jnp.zeros((), dtype)  # noqa: E731
-        return VerifiedState(
-            schedule=Schedule(
-                _i32(0), _i32(K), _i32(cfg.first_length), _i32(1), jnp.asarray(False), _i32()
-            ),
-            base_state=base_state,
-            buffers=Buffers(buffer(K), buffer(K), _i32(), _i32()),
-            model=Model(
-                coefficients=jnp.zeros((P, r), dtype),
-                basis=None if rank is None else buffer(r, dtype),
-                origin=(
-                    jax.tree_util.tree_map(jnp.array, params)
-                    if rank is not None and fit_cfg.center
-                    else None
-                ),
-                step_bound=zero_f(),
-            ),
-            anchor=Anchor(
-                jax.tree_util.tree_map(jnp.array, params), base_state, zero_f() + jnp.inf
-            ),
-            info=VerifiedInfo(
-                gradient_evaluations=_i32(),
-                value_evaluations=_i32(),
-                fit_residual=zero_f(),
-                active_terms=_i32(),
-                pod_energy=zero_f(),
-                accepted=_i32(),
-                rejected=_i32(),
-                fallbacks=_i32(),
-                status=_i32(),
-                verifications=_i32(),
-                verified=_i32(),
-                flow_error=zero_f(),
-            ),
-        )
+        return init_state(params, base_init(params), cfg, buffer_dtype)
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         if params is None:
             raise ValueError("lgfjax transformations need `params` in `update`.")
-        sch, buf, model, anchor, info = (
-            state.schedule,
-            state.buffers,
-            state.model,
-            state.anchor,
-            state.info,
-        )
+        sch, model, info = state.schedule, state.model, state.info
         dtype = model.coefficients.dtype
-        degree, bias = fit_cfg.degree, fit_cfg.include_bias
         is_true = sch.phase == 0
-        zeros = optax.tree.zeros_like(updates)
 
-        def as_updates(tree):
-            return optax.tree.cast_like(tree, updates)
-
-        # 1. The step itself: the base's true step, or one step of the learned flow.
-        def true_step(base_state):
-            # A non-finite gradient (or base update) never reaches the parameters: the
-            # step is skipped as by `optax.apply_if_finite`, the base state stays, and
-            # the run resumes when the gradients are finite again.
-            new_updates, new_base = base_update(updates, base_state, params, **extra_args)
-            finite = _all_finite(updates) & _all_finite(new_updates)
-            new_updates = optax.tree.where(finite, as_updates(new_updates), zeros)
-            new_base = optax.tree.where(finite, new_base, base_state)
-            return (
-                new_updates,
-                new_base,
-                jnp.where(finite, OK, NONFINITE_GRADIENT).astype(jnp.int32),
-            )
-
-        def surrogate_step(base_state):
-            sm = _surrogate_model(model, degree, bias, params)
-            step, new_base, solver_ok = surrogate_fn(
-                sm, params, base_state, dtype, sch.horizon, cfg.max_horizon
-            )
-            length = optax.tree.norm(step)
-            bound = model.step_bound * sch.horizon.astype(dtype)
-            code = jnp.where(solver_ok, OK, SOLVER_FAILED)
-            code = jnp.where((code == OK) & ~jnp.isfinite(length), NONFINITE_STEP, code)
-            code = jnp.where((code == OK) & (length > bound), STEP_TOO_LARGE, code)
-            ok = code == OK
-            step = optax.tree.where(ok, step, zeros)
-            new_base = optax.tree.where(ok, new_base, base_state)
-            return as_updates(step), new_base, code.astype(jnp.int32)
-
-        step, base_state, code = jax.lax.cond(is_true, true_step, surrogate_step, state.base_state)
+        # 1. The step: the base's true step (skipped if not finite), or the learned flow.
+        step, base_state, code = take_step(
+            updates, state, params, base_update, surrogate_fn, cfg, extra_args
+        )
         skipped = is_true & (code == NONFINITE_GRADIENT)
-
-        # 2. The judgement of the phase that just ended, by this true step (free).
-        judging = is_true & sch.verify
+        # 2. The first true step after a phase judges it, for free.
         measured = target_fn(updates, step)
-
-        def flow_error(_):
-            # In the model's own coordinates: a POD model can only be right about the
-            # part of the measurement inside its subspace (the rest is what the fit
-            # left out from the start, and the loss judges its effect).
-            sm = _surrogate_model(model, degree, bias, params)
-            predicted = sm.flow(0.0, sm.project(params, dtype))
-            if model.basis is None:
-                seen = ravel_pytree(gathered(measured))[0].astype(dtype)
-            else:
-                seen = tree_project(model.basis, measured, dtype)
-            return _relative_error(predicted, seen).astype(dtype)
-
-        err = jax.lax.cond(judging, flow_error, lambda _: jnp.zeros((), dtype), None)
-        err = jnp.where(jnp.isfinite(err), err, jnp.inf)
-        agree = judging & (err <= cfg.verify_tolerance)
-        if value is None:
-            undo = judging & ~(err <= 1.0)
-        else:
-            loss = jnp.asarray(value, dtype)
-            undo = judging & ~(loss <= anchor.loss)
+        judging = is_true & sch.verify
+        err, agree, undo = judge(judging, model, params, measured, value, state.anchor, cfg)
+        step = optax.tree.where(
+            undo, optax.tree.cast_like(optax.tree.sub(state.anchor.params, params), step), step
+        )
+        base_state = optax.tree.where(undo, state.anchor.base_state, base_state)
         disagree = judging & ~agree
-        step = optax.tree.where(undo, as_updates(optax.tree.sub(anchor.params, params)), step)
-        base_state = optax.tree.where(undo, anchor.base_state, base_state)
         code = jnp.where(
             skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
         )
-
         # 3. Record the pair (never a point that is being undone, nor a skipped step).
-        record = is_true & ~undo & ~skipped
-
-        def write(b):
-            points, targets = b
-            row = buf.head
-            put = lambda t, x: t.at[row].set(x.astype(t.dtype))  # noqa: E731
-            return (
-                jax.tree_util.tree_map(put, points, params),
-                jax.tree_util.tree_map(put, targets, measured),
-            )
-
-        points, targets = once_or_never(record, write, (buf.points, buf.targets))
-        head = jnp.where(record, (buf.head + 1) % K, buf.head)
-        filled = jnp.minimum(buf.filled + record, K)
-
-        # 4. The schedule: how many true steps are left, when to fit, how long a phase.
-        failed = (~is_true & (code != OK)) | disagree | undo | skipped
-        phase_over = ~is_true & ((sch.todo <= 1) | (code != OK))
-        length = jnp.where(agree, jnp.minimum(2 * sch.length, cfg.max_length), sch.length)
-        length = jnp.where(failed, jnp.maximum(sch.length // 2, 1), length)
-        # Steps outrun the base only once phases are long: a confirmed phase of at
-        # least 4 K steps also doubles the horizon; any failure halves it.
-        grow = agree & (sch.length >= jnp.minimum(4 * cfg.first_length, cfg.max_length))
-        horizon = jnp.where(grow, jnp.minimum(2 * sch.horizon, cfg.max_horizon), sch.horizon)
-        horizon = jnp.where(failed, jnp.maximum(sch.horizon // 2, 1), horizon)
-        # After a disagreement the judging step itself is one of the `refresh` fresh
-        # steps, unless it was undone; `refresh >= 2`, so no fit follows at once.
-        todo = jnp.where(disagree, cfg.refresh - (~undo).astype(jnp.int32), sch.todo - 1)
-        want_fit = is_true & (filled >= K) & (agree | (~judging & (todo <= 0)))
-
-        # 5. The fit, once or never, at the point the next step starts from.
+        buffers = record(state.buffers, is_true & ~undo & ~skipped, params, measured)
+        # 4. The schedule; 5. the fit, once or never, where the next step starts.
+        nxt = schedule_step(sch, cfg, code, agree, undo, buffers.filled >= K)
         next_params = optax.tree.add(params, step)
-
-        def do_fit(carry):
-            coefficients, basis, origin, bound, residual, active, energy, status = carry
-            o = None if origin is None else optax.tree.cast_like(next_params, origin)
-            fit = fit_pairs(fit_cfg_at(basis), points, targets, o, dtype)
-            scale = optax.tree.norm(step).astype(dtype)
-            new_bound = (
-                jnp.asarray(jnp.inf, dtype)
-                if cfg.max_step_ratio is None
-                else (cfg.max_step_ratio * scale).astype(dtype)
-            )
-            return (
-                fit.coefficients.astype(dtype),
-                optax.tree.cast_like(fit.basis, basis),
-                o,
-                new_bound,
-                fit.residual.astype(dtype),
-                fit.active.astype(jnp.int32),
-                fit.energy.astype(dtype),
-                fit.status.astype(jnp.int32),
-            )
-
-        carry = (
-            model.coefficients,
-            model.basis,
-            model.origin,
-            model.step_bound,
-            info.fit_residual,
-            info.active_terms,
-            info.pod_energy,
-            _i32(OK),
-        )
-        coefficients, basis, origin, bound, residual, active, energy, fit_status = once_or_never(
-            want_fit, do_fit, carry
-        )
-        fit_ok = want_fit & (fit_status == OK)
-        fit_failed = want_fit & (fit_status != OK)
-        code = jnp.where(fit_failed, fit_status, code)
-        failed = failed | fit_failed
-
-        next_phase = jnp.where(fit_ok, 1, jnp.where(phase_over, 0, sch.phase))
-        todo = jnp.where(fit_ok, length, todo)
-        todo = jnp.where(phase_over | fit_failed, cfg.refresh, todo)
-        new_anchor = Anchor(
-            optax.tree.where(fit_ok, next_params, anchor.params),
-            optax.tree.where(fit_ok, base_state, anchor.base_state),
-            jnp.where(
-                fit_ok,
-                jnp.asarray(jnp.inf if value is None else value, dtype),
-                anchor.loss,
-            ),
-        )
+        model, fit_info = fit_model(nxt.want_fit, model, info, buffers, next_params, step, cfg)
+        fit_ok = nxt.want_fit & (fit_info.status == OK)
+        fit_failed = nxt.want_fit & (fit_info.status != OK)
+        code = jnp.where(fit_failed, fit_info.status, code)
+        failed = nxt.failed | fit_failed
+        todo = jnp.where(fit_ok, nxt.length, nxt.todo)
+        todo = jnp.where(nxt.phase_over | fit_failed, cfg.refresh, todo)
+        loss = jnp.asarray(jnp.inf if value is None else value, dtype)
+        anchor = optax.tree.where(fit_ok, Anchor(next_params, base_state, loss), state.anchor)
         kept = ~is_true & (code == OK)
         new_state = VerifiedState(
             schedule=Schedule(
-                phase=next_phase.astype(jnp.int32),
+                phase=jnp.where(fit_ok, 1, jnp.where(nxt.phase_over, 0, sch.phase)).astype(
+                    jnp.int32
+                ),
                 todo=todo.astype(jnp.int32),
-                length=length.astype(jnp.int32),
-                horizon=horizon.astype(jnp.int32),
-                verify=phase_over,
+                length=nxt.length,
+                horizon=nxt.horizon,
+                verify=nxt.phase_over,
                 count=sch.count + 1,
             ),
             base_state=base_state,
-            buffers=Buffers(points, targets, head.astype(jnp.int32), filled.astype(jnp.int32)),
-            model=Model(coefficients, basis, origin, bound),
-            anchor=new_anchor,
-            info=VerifiedInfo(
+            buffers=buffers,
+            model=model,
+            anchor=anchor,
+            info=fit_info._replace(
                 gradient_evaluations=info.gradient_evaluations + is_true,
-                value_evaluations=info.value_evaluations,
-                fit_residual=residual,
-                active_terms=active,
-                pod_energy=energy,
                 accepted=info.accepted + kept,
                 rejected=info.rejected + (~is_true & (code != OK)),
                 fallbacks=info.fallbacks + failed,
@@ -413,11 +247,228 @@ def make_verified(
                 flow_error=jnp.where(judging, err, info.flow_error),
             ),
         )
-        return step, new_state
-
-    def fit_cfg_at(basis):
-        # The rank "auto" was resolved at init; the basis carries it.
-        rank = None if basis is None else jax.tree_util.tree_leaves(basis)[0].shape[0]
-        return dataclasses.replace(fit_cfg, rank=rank)
+        return optax.tree.cast_like(step, updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> VerifiedState:
+    """The state before the first update: K true steps to take, empty buffers."""
+    fit_cfg, K = cfg.fit, cfg.fit.history_size
+    dtype = _fit_dtype(params)
+    n = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+    rank = fit_cfg.rank
+    if rank == "auto":
+        rank = max(1, min(n, K // 2))
+    r = n if rank is None else rank
+    P = library_size(r, fit_cfg.degree, fit_cfg.include_bias)
+
+    def buffer(rows, leaf_dtype=None):
+        return jax.tree_util.tree_map(
+            lambda p: _zeros_along(p, rows, leaf_dtype or buffer_dtype or jnp.result_type(p)),
+            params,
+        )
+
+    zero_f = lambda: jnp.zeros((), dtype)  # noqa: E731
+    return VerifiedState(
+        schedule=Schedule(
+            _i32(0), _i32(K), _i32(cfg.first_length), _i32(1), jnp.asarray(False), _i32()
+        ),
+        base_state=base_state,
+        buffers=Buffers(buffer(K), buffer(K), _i32(), _i32()),
+        model=Model(
+            coefficients=jnp.zeros((P, r), dtype),
+            basis=None if rank is None else buffer(r, dtype),
+            origin=(
+                jax.tree_util.tree_map(jnp.array, params)
+                if rank is not None and fit_cfg.center
+                else None
+            ),
+            step_bound=zero_f(),
+        ),
+        anchor=Anchor(jax.tree_util.tree_map(jnp.array, params), base_state, zero_f() + jnp.inf),
+        info=VerifiedInfo(
+            gradient_evaluations=_i32(),
+            value_evaluations=_i32(),
+            fit_residual=zero_f(),
+            active_terms=_i32(),
+            pod_energy=zero_f(),
+            accepted=_i32(),
+            rejected=_i32(),
+            fallbacks=_i32(),
+            status=_i32(),
+            verifications=_i32(),
+            verified=_i32(),
+            flow_error=zero_f(),
+        ),
+    )
+
+
+def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args):
+    """The base's true step or one surrogate step: ``(step, base_state, status)``.
+
+    A non-finite gradient (or base update) never reaches the parameters: the true
+    step is skipped as by `optax.apply_if_finite`, the base state stays, and the run
+    resumes when the gradients are finite again. A surrogate step that fails a guard
+    (solver, finiteness, trust region) is zero and leaves the base state as it was.
+    """
+    sch, model = state.schedule, state.model
+    dtype = model.coefficients.dtype
+    zeros = optax.tree.zeros_like(updates)
+
+    def true_step(base_state):
+        new_updates, new_base = base_update(updates, base_state, params, **extra_args)
+        finite = _all_finite(updates) & _all_finite(new_updates)
+        new_updates = optax.tree.where(finite, optax.tree.cast_like(new_updates, updates), zeros)
+        new_base = optax.tree.where(finite, new_base, base_state)
+        return new_updates, new_base, jnp.where(finite, OK, NONFINITE_GRADIENT).astype(jnp.int32)
+
+    def surrogate_step(base_state):
+        sm = _surrogate_model(model, cfg.fit.degree, cfg.fit.include_bias, params)
+        step, new_base, solver_ok = surrogate_fn(
+            sm, params, base_state, dtype, sch.horizon, cfg.max_horizon
+        )
+        length = optax.tree.norm(step)
+        bound = model.step_bound * sch.horizon.astype(dtype)
+        code = jnp.where(solver_ok, OK, SOLVER_FAILED)
+        code = jnp.where((code == OK) & ~jnp.isfinite(length), NONFINITE_STEP, code)
+        code = jnp.where((code == OK) & (length > bound), STEP_TOO_LARGE, code)
+        ok = code == OK
+        step = optax.tree.where(ok, step, zeros)
+        new_base = optax.tree.where(ok, new_base, base_state)
+        return optax.tree.cast_like(step, updates), new_base, code.astype(jnp.int32)
+
+    return jax.lax.cond(sch.phase == 0, true_step, surrogate_step, state.base_state)
+
+
+def judge(judging, model: Model, params, measured, value, anchor: Anchor, cfg):
+    """``(flow error, agree, undo)`` of the phase a true step ends (all False if not).
+
+    The flow error is relative, in the model's own coordinates: a POD model can only be
+    right about the part of the measurement inside its subspace (the rest is what the
+    fit left out from the start, and the loss judges its effect). A rise of the loss
+    (`value`) over the phase undoes it; without `value`, a prediction farther from the
+    truth than standing still (error > 1) does.
+    """
+    dtype = model.coefficients.dtype
+
+    def flow_error(_):
+        sm = _surrogate_model(model, cfg.fit.degree, cfg.fit.include_bias, params)
+        predicted = sm.flow(0.0, sm.project(params, dtype))
+        if model.basis is None:
+            seen = ravel_pytree(gathered(measured))[0].astype(dtype)
+        else:
+            seen = tree_project(model.basis, measured, dtype)
+        return _relative_error(predicted, seen).astype(dtype)
+
+    err = jax.lax.cond(judging, flow_error, lambda _: jnp.zeros((), dtype), None)
+    err = jnp.where(jnp.isfinite(err), err, jnp.inf)
+    agree = judging & (err <= cfg.verify_tolerance)
+    if value is None:
+        undo = judging & ~(err <= 1.0)
+    else:
+        undo = judging & ~(jnp.asarray(value, dtype) <= anchor.loss)
+    return err, agree, undo
+
+
+def record(buf: Buffers, when, params, measured) -> Buffers:
+    """`buf` with the pair (params, measured) written at its head if `when`.
+
+    The write is a loop taken once or never, so the (K, n) buffers are updated in
+    place and nothing is read when `when` is false.
+    """
+    rows = jax.tree_util.tree_leaves(buf.points)[0].shape[0]
+
+    def write(b):
+        points, targets = b
+        put = lambda t, x: t.at[buf.head].set(x.astype(t.dtype))  # noqa: E731
+        return (
+            jax.tree_util.tree_map(put, points, params),
+            jax.tree_util.tree_map(put, targets, measured),
+        )
+
+    points, targets = once_or_never(when, write, (buf.points, buf.targets))
+    head = jnp.where(when, (buf.head + 1) % rows, buf.head).astype(jnp.int32)
+    filled = jnp.minimum(buf.filled + when, rows).astype(jnp.int32)
+    return Buffers(points, targets, head, filled)
+
+
+class NextSchedule(NamedTuple):
+    length: Int[Array, ""]  # of the next surrogate phase
+    horizon: Int[Array, ""]  # of the next surrogate steps, in units of dt
+    todo: Int[Array, ""]  # steps left in the current phase (before a fit resets it)
+    want_fit: Bool[Array, ""]  # fit now (the next update would start a phase)
+    failed: Bool[Array, ""]  # this update ended a phase early or undid one
+    phase_over: Bool[Array, ""]  # a surrogate phase ends with this update
+
+
+def schedule_step(sch: Schedule, cfg, code, agree, undo, full) -> NextSchedule:
+    """The pure schedule rule, given this update's outcome (testable on its own).
+
+    - a confirmed phase doubles the next one (up to `max_length`); once phases are at
+      least 4 K long it also doubles the horizon of each step (up to `max_horizon`);
+    - any failure (a guard, a disagreement, an undo, a skipped true step) halves both;
+    - after a disagreement, `refresh` fresh true steps (the judging step counts, unless
+      it was undone) come before the refit; after agreement the refit is at once;
+    - a fit needs a full buffer (`full`).
+    """
+    is_true = sch.phase == 0
+    judging = is_true & sch.verify
+    disagree = judging & ~agree
+    skipped = is_true & (code == NONFINITE_GRADIENT)
+    failed = (~is_true & (code != OK)) | disagree | undo | skipped
+    phase_over = ~is_true & ((sch.todo <= 1) | (code != OK))
+    length = jnp.where(agree, jnp.minimum(2 * sch.length, cfg.max_length), sch.length)
+    length = jnp.where(failed, jnp.maximum(sch.length // 2, 1), length)
+    grow = agree & (sch.length >= jnp.minimum(4 * cfg.first_length, cfg.max_length))
+    horizon = jnp.where(grow, jnp.minimum(2 * sch.horizon, cfg.max_horizon), sch.horizon)
+    horizon = jnp.where(failed, jnp.maximum(sch.horizon // 2, 1), horizon)
+    # `refresh >= 2`, so no fit follows a disagreement at once.
+    todo = jnp.where(disagree, cfg.refresh - (~undo).astype(jnp.int32), sch.todo - 1)
+    want_fit = is_true & full & (agree | (~judging & (todo <= 0)))
+    return NextSchedule(
+        length.astype(jnp.int32),
+        horizon.astype(jnp.int32),
+        todo.astype(jnp.int32),
+        want_fit,
+        failed,
+        phase_over,
+    )
+
+
+def fit_model(when, model: Model, info: VerifiedInfo, buf: Buffers, at, last_step, cfg):
+    """``(model, info)`` refitted to the buffered pairs if `when` (once or never).
+
+    The POD is centred at `at` (where the next surrogate step starts); the trust
+    region is `max_step_ratio` times the last step. ``info.status`` is the fit's
+    status (`OK` when no fit ran); the engine folds it into the step's status.
+    """
+    dtype = model.coefficients.dtype
+    rank = None if model.basis is None else jax.tree_util.tree_leaves(model.basis)[0].shape[0]
+    fit_cfg = dataclasses.replace(cfg.fit, rank=rank)  # "auto" was resolved at init
+
+    def do_fit(carry):
+        (_, basis, origin, _), _ = carry
+        o = None if origin is None else optax.tree.cast_like(at, origin)
+        fit = fit_pairs(fit_cfg, buf.points, buf.targets, o, dtype)
+        scale = optax.tree.norm(last_step).astype(dtype)
+        bound = (
+            jnp.asarray(jnp.inf, dtype)
+            if cfg.max_step_ratio is None
+            else (cfg.max_step_ratio * scale).astype(dtype)
+        )
+        new_model = Model(
+            fit.coefficients.astype(dtype), optax.tree.cast_like(fit.basis, basis), o, bound
+        )
+        return new_model, (
+            fit.residual.astype(dtype),
+            fit.active.astype(jnp.int32),
+            fit.energy.astype(dtype),
+            fit.status.astype(jnp.int32),
+        )
+
+    carry = (model, (info.fit_residual, info.active_terms, info.pod_energy, _i32(OK)))
+    model, (residual, active, energy, status) = once_or_never(when, do_fit, carry)
+    return model, info._replace(
+        fit_residual=residual, active_terms=active, pod_energy=energy, status=status
+    )

@@ -198,3 +198,44 @@ def test_default_needs_no_more_gradients_than_gradient_descent(problem, steps):
     needs = evaluations_to_reach(losses, evals, target)
     assert needs is not None and needs <= base_needs, (needs, base_needs)
     assert int(lgfjax.diagnostics(state).value_evaluations) == 0  # the loss came free
+
+
+def _schedule(phase, todo, length, horizon, verify):
+    from lgfjax._verified import Schedule
+
+    i = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    return Schedule(i(phase), i(todo), i(length), i(horizon), jnp.asarray(verify), i(0))
+
+
+@pytest.mark.parametrize(
+    "case, sch, code, agree, undo, expect",
+    [
+        # expect: (length, horizon, want_fit, failed, phase_over)
+        ("confirmed short phase", (0, 1, 20, 1, True), 0, True, False, (40, 1, True, False, False)),
+        ("confirmed long phase", (0, 1, 40, 2, True), 0, True, False, (80, 4, True, False, False)),
+        ("disagreement", (0, 1, 40, 4, True), 8, False, False, (20, 2, False, True, False)),
+        ("undone phase", (0, 1, 40, 4, True), 9, False, True, (20, 2, False, True, False)),
+        ("guard in a phase", (1, 7, 40, 4, False), 6, False, False, (20, 2, False, True, True)),
+        ("last surrogate step", (1, 1, 40, 4, False), 0, False, False, (40, 4, False, False, True)),
+        ("refresh done", (0, 1, 10, 1, False), 0, False, False, (10, 1, True, False, False)),
+        ("skipped true step", (0, 3, 16, 2, False), 10, False, False, (8, 1, False, True, False)),
+    ],
+)
+def test_schedule_step_is_a_pure_rule(case, sch, code, agree, undo, expect):
+    # Integer arithmetic only: every field is exact.
+    from lgfjax._verified import VerifiedConfig, schedule_step
+
+    cfg = VerifiedConfig(
+        fit=None,
+        max_step_ratio=3.0,
+        verify_tolerance=0.2,
+        first_length=10,
+        max_length=500,
+        max_horizon=8,
+        refresh=5,
+    )
+    nxt = schedule_step(
+        _schedule(*sch), cfg, jnp.int32(code), jnp.asarray(agree), jnp.asarray(undo), True
+    )
+    got = (int(nxt.length), int(nxt.horizon), bool(nxt.want_fit), bool(nxt.failed))
+    assert got + (bool(nxt.phase_over),) == expect, case
