@@ -26,6 +26,7 @@ from ._pod import pod as pod
 from ._state import (
     Diagnostics as Diagnostics,
     diagnostics as diagnostics,
+    filter_value_and_grad as filter_value_and_grad,
     gradient_evaluations as gradient_evaluations,
     needs_gradient as needs_gradient,
     status_message as status_message,

@@ -77,6 +77,10 @@ class Diagnostics(NamedTuple):
     fallbacks: Int[Array, ""]
     status: Int[Array, ""]
     surrogate_steps: Int[Array, ""]
+    # Surrogate steps that were handed a non-zero gradient: the objective ran although
+    # no true step was due, so nothing was saved (use `lgfjax.value_and_grad`). -1
+    # where not tracked (the fixed schedule).
+    ungated_gradients: Int[Array, ""]
 
 
 def diagnostics(state) -> Diagnostics:
@@ -85,7 +89,11 @@ def diagnostics(state) -> Diagnostics:
     if isinstance(s, VerifiedState):
         shared = {f: getattr(s.info, f) for f in Diagnostics._fields if hasattr(s.info, f)}
         return Diagnostics(
-            phase=s.phase, steps=s.schedule.count, surrogate_steps=s.schedule.length, **shared
+            phase=s.phase,
+            steps=s.schedule.count,
+            surrogate_steps=s.schedule.length,
+            ungated_gradients=s.info.ungated,
+            **shared,
         )
     return Diagnostics(
         phase=s.phase,
@@ -100,6 +108,7 @@ def diagnostics(state) -> Diagnostics:
         fallbacks=s.fallbacks,
         status=s.status,
         surrogate_steps=s.surrogate_steps,
+        ungated_gradients=jnp.full((), -1, jnp.int32),
     )
 
 
@@ -131,6 +140,47 @@ def value_and_grad(fun: Callable, *, has_aux: bool = False) -> Callable:
     ```
     """
     return when_needed(jax.value_and_grad(fun, has_aux=has_aux))
+
+
+def filter_value_and_grad(fun: Callable, *, has_aux: bool = False) -> Callable:
+    """`value_and_grad` for equinox models: `equinox.filter_value_and_grad`, gated.
+
+    Returns ``(model, state, *args, **kwargs) -> (value, grads)``. The model (and the
+    arguments) may hold non-arrays (activation functions, static fields): only their
+    arrays pass through the `jax.lax.cond`. As in `equinox.filter_value_and_grad`,
+    gradients are taken with respect to the model's floating-point arrays, and `grads`
+    has ``None`` elsewhere; when no true step is due, `fun` does not run, the value is
+    NaN and the gradients are zeros.
+
+    ```python
+    import equinox as eqx, jax, jax.numpy as jnp, optax, lgfjax
+
+    model = eqx.nn.MLP(2, 1, 8, 1, key=jax.random.PRNGKey(0))
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1)
+    state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+
+    def loss(model, x):
+        return jnp.mean(jax.vmap(model)(x) ** 2)
+
+    value, grads = lgfjax.filter_value_and_grad(loss)(model, state, jnp.ones((4, 2)))
+    updates, state = opt.update(grads, state, eqx.filter(model, eqx.is_inexact_array))
+    model = eqx.apply_updates(model, updates)
+    ```
+    """
+    import equinox as eqx
+
+    grad_fn = eqx.filter_value_and_grad(fun, has_aux=has_aux)
+
+    def wrapped(model, state, *args, **kwargs):
+        dynamic, static = eqx.partition((model, args, kwargs), eqx.is_array)
+
+        def evaluate(dyn):
+            m, a, k = eqx.combine(dyn, static)
+            return grad_fn(m, *a, **k)
+
+        return when_needed(evaluate)(dynamic, state)
+
+    return wrapped
 
 
 def when_needed(fn: Callable) -> Callable:

@@ -107,6 +107,7 @@ class VerifiedInfo(NamedTuple):
     verifications: Int[Array, ""]  # phases judged by a true step
     verified: Int[Array, ""]  # of those, how many the true step confirmed
     flow_error: Float[Array, ""]  # relative error of the flow at the last judgement
+    ungated: Int[Array, ""]  # surrogate steps handed a non-zero gradient (wasted work)
 
 
 class VerifiedState(NamedTuple):
@@ -190,7 +191,7 @@ def make_verified(
         is_true = sch.phase == 0
 
         # 1. The step: the base's true step (skipped if not finite), or the learned flow.
-        step, base_state, code = take_step(
+        step, base_state, code, ungated = take_step(
             updates, state, params, base_update, surrogate_fn, cfg, extra_args
         )
         skipped = is_true & (code == NONFINITE_GRADIENT)
@@ -245,6 +246,7 @@ def make_verified(
                 verifications=info.verifications + judging,
                 verified=info.verified + agree,
                 flow_error=jnp.where(judging, err, info.flow_error),
+                ungated=info.ungated + ungated,
             ),
         )
         return optax.tree.cast_like(step, updates), new_state
@@ -300,12 +302,13 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
             verifications=_i32(),
             verified=_i32(),
             flow_error=zero_f(),
+            ungated=_i32(),
         ),
     )
 
 
 def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args):
-    """The base's true step or one surrogate step: ``(step, base_state, status)``.
+    """The base's true step or one surrogate step: ``(step, base_state, status, ungated)``.
 
     A non-finite gradient (or base update) never reaches the parameters: the true
     step is skipped as by `optax.apply_if_finite`, the base state stays, and the run
@@ -321,7 +324,8 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
         finite = _all_finite(updates) & _all_finite(new_updates)
         new_updates = optax.tree.where(finite, optax.tree.cast_like(new_updates, updates), zeros)
         new_base = optax.tree.where(finite, new_base, base_state)
-        return new_updates, new_base, jnp.where(finite, OK, NONFINITE_GRADIENT).astype(jnp.int32)
+        code = jnp.where(finite, OK, NONFINITE_GRADIENT).astype(jnp.int32)
+        return new_updates, new_base, code, jnp.asarray(False)
 
     def surrogate_step(base_state):
         sm = _surrogate_model(model, cfg.fit.degree, cfg.fit.include_bias, params)
@@ -336,7 +340,10 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
         ok = code == OK
         step = optax.tree.where(ok, step, zeros)
         new_base = optax.tree.where(ok, new_base, base_state)
-        return optax.tree.cast_like(step, updates), new_base, code.astype(jnp.int32)
+        # The objective ran although no true step was due (`lgfjax.value_and_grad` was
+        # not used): nothing is saved, and the state says so.
+        ungated = optax.tree.norm(updates) != 0
+        return optax.tree.cast_like(step, updates), new_base, code.astype(jnp.int32), ungated
 
     return jax.lax.cond(sch.phase == 0, true_step, surrogate_step, state.base_state)
 
