@@ -35,7 +35,12 @@ from ._state import (
 from ._stlsq import stlsq as stlsq
 from ._verified import VerifiedState as VerifiedState
 
-__version__ = "0.1.0"
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("lgfjax")
+except Exception:  # not installed (e.g. a source checkout on sys.path)
+    __version__ = "unknown"
 
 
 def __getattr__(name):

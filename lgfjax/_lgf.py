@@ -551,7 +551,12 @@ def lgf(
     - `adaptive`: double the surrogate phase after a cycle with no fallback, halve it
       after one with, between 1 and `max_surrogate_steps` (default ``4 (M - K)``).
     - `buffer_dtype`: storage dtype of the trajectory buffer (e.g. ``jnp.bfloat16``);
-      the fit itself runs in float32 or float64.
+      the fit itself runs in float32 or float64. A known limit: each row is rounded to
+      ``eps |x|`` of that dtype (bfloat16 2^-8, float16 2^-11), so a POD mode that moves
+      less than that over the window is rounding noise, and its fitted rate can have
+      the wrong sign; the trust region then refuses the phase (a fallback, never a
+      non-finite step). Use low-precision buffers where the iterates move by much more
+      than their own rounding over K steps.
 
     - `max_surrogate_steps`: the longest phase (default ``4 (M - K)`` fixed with
       `adaptive`, ``50 K`` verified).
