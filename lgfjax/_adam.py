@@ -9,7 +9,7 @@ import optax
 from jaxtyping import Array, Int
 
 from ._fit import FitConfig
-from ._flow import RK4, integrate
+from ._flow import RK4, integrate_span
 from ._lgf import (
     _check_adaptive,
     make_transformation,
@@ -96,9 +96,8 @@ def adam_surrogate(
     """
     eta = learning_rate
 
-    def surrogate_fn(model, params, base_state, dtype, span=1, max_span=1):
-        # `span` Adam steps (an int, or an int32 array up to `max_span`) in one
-        # surrogate step, integrated with the step ``dt / substeps`` throughout.
+    def surrogate_fn(model, params, base_state, dtype, span=1):
+        # `span` Adam steps (the int 1, or an int32 array) in one surrogate step.
         def vector_field(s, y, args):
             a, m, v = y
             count0, nu_max = args
@@ -127,18 +126,20 @@ def adam_surrogate(
         count0 = base_state.count.astype(dtype)
         nu_max0 = None if base_state.nu_max is None else to_fit(base_state.nu_max)
         dt_ = jnp.asarray(dt, dtype)
-        (a1, m1, v1), ok = integrate(
+        (a1, m1, v1), ok = integrate_span(
             vector_field,
             y0,
-            span * dt_,
+            dt_,
+            span,
             solver=solver,
             substeps=substeps,
             stepsize_controller=stepsize_controller,
-            max_steps=max_steps * max_span,
+            max_steps=max_steps,
             args=(count0, nu_max0),
-            dt0=None if max_span == 1 else dt_ / substeps,
+            # Each interval starts `dt / eta` Adam steps after the previous one.
+            shift_args=lambda a, k: (a[0] + k.astype(dtype) * dt_ / eta, a[1]),
         )
-        if max_span == 1:
+        if isinstance(span, int) and span == 1:
             count = optax.safe_increment(base_state.count)
         else:
             count = base_state.count + jnp.asarray(span, base_state.count.dtype)

@@ -66,7 +66,6 @@ def integrate(
     max_steps: int,
     t0=0.0,
     args=None,
-    dt0=None,
 ) -> tuple[Float[Array, "..."], Bool[Array, ""]]:
     """Integrate ``dy/dt = vector_field(t, y, args)`` from `t0` to `t1`.
 
@@ -74,8 +73,7 @@ def integrate(
     raises here (``throw=False``), and no backward pass is ever built (forward-mode
     adjoint), because the surrogate step is not differentiated.
     """
-    if dt0 is None:
-        dt0 = (t1 - t0) / substeps
+    dt0 = (t1 - t0) / substeps
 
     def solve(y0, args, field):
         sol = diffrax.diffeqsolve(
@@ -107,3 +105,27 @@ def integrate(
         return solve(y0, args, lambda t, y, a: converted(t, y, a, *consts))
 
     return jax.sharding.auto_axes(solve_converted, out_sharding=out_sharding)(y0, args, consts)
+
+
+def integrate_span(vector_field, y0, dt, span, *, args=None, shift_args=None, **options):
+    """`integrate` over `span` consecutive intervals of length `dt`.
+
+    `span` is the Python int 1 (one solve, exactly `integrate`) or an int32 array:
+    then one diffrax solve over the static length `dt` runs in a while loop `span`
+    times. A traced end time would make diffrax's program about 13x larger (its step
+    count is no longer known when compiling), and compile time with it.
+    ``shift_args(args, k)`` gives the arguments of the k-th interval (for a vector
+    field whose time origin moves, as the Adam ODE's step count does).
+    """
+    if isinstance(span, int) and span == 1:
+        return integrate(vector_field, y0, dt, args=args, **options)
+
+    def body(carry):
+        k, y, ok = carry
+        a = args if shift_args is None else shift_args(args, k)
+        y1, ok1 = integrate(vector_field, y, dt, args=a, **options)
+        return k + 1, y1, ok & ok1
+
+    carry = (jnp.zeros((), jnp.int32), y0, jnp.asarray(True))
+    _, y, ok = jax.lax.while_loop(lambda c: c[0] < span, body, carry)
+    return y, ok

@@ -21,7 +21,7 @@ from ._fit import (
     FitConfig,
     fit_flow,
 )
-from ._flow import RK4, PolynomialFlow, integrate
+from ._flow import RK4, PolynomialFlow, integrate_span
 from ._library import library_size
 from ._pod import gathered, placed_like, tree_lift, tree_project
 from ._validate import (
@@ -654,20 +654,18 @@ def lgf(
     )
     steps_cap = 16 * substeps if max_steps is None else max_steps
 
-    def surrogate_fn(model, params, base_state, dtype, span=1, max_span=1):
-        # `span` (an int, or an int32 array up to `max_span`) steps of `dt` in one
-        # surrogate step; the integrator's step stays ``dt / substeps``.
+    def surrogate_fn(model, params, base_state, dtype, span=1):
+        # `span` (the int 1, or an int32 array) steps of `dt` in one surrogate step.
         z0 = model.project(params, dtype)
-        dt_ = jnp.asarray(dt, dtype)
-        z1, ok = integrate(
+        z1, ok = integrate_span(
             model.flow,
             z0,
-            span * dt_,
+            jnp.asarray(dt, dtype),
+            span,
             solver=solver,
             substeps=substeps,
             stepsize_controller=stepsize_controller,
-            max_steps=steps_cap * max_span,
-            dt0=None if max_span == 1 else dt_ / substeps,
+            max_steps=steps_cap,
         )
         return model.lift(z1 - z0, params), base_state, ok
 

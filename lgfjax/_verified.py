@@ -329,9 +329,9 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
 
     def surrogate_step(base_state):
         sm = _surrogate_model(model, cfg.fit.degree, cfg.fit.include_bias, params)
-        step, new_base, solver_ok = surrogate_fn(
-            sm, params, base_state, dtype, sch.horizon, cfg.max_horizon
-        )
+        # With `max_horizon` 1 the span is the static 1: the solve's length is known.
+        span = sch.horizon if cfg.max_horizon > 1 else 1
+        step, new_base, solver_ok = surrogate_fn(sm, params, base_state, dtype, span)
         length = optax.tree.norm(step)
         bound = model.step_bound * sch.horizon.astype(dtype)
         code = jnp.where(solver_ok, OK, SOLVER_FAILED)
