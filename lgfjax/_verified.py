@@ -186,6 +186,14 @@ def make_verified(
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         if params is None:
             raise ValueError("lgfjax transformations need `params` in `update`.")
+        if extra_args:  # may hold callables: no jit boundary of our own
+            return update(updates, state, params, value, extra_args)
+        # One compiled program per transformation: eager calls hit the cache instead of
+        # re-tracing the loops, the conditionals and diffrax at every step (seconds);
+        # inside a user's jit this is inlined.
+        return jitted_update(updates, state, params, value)
+
+    def update(updates, state, params, value, extra_args):
         sch, model, info = state.schedule, state.model, state.info
         dtype = model.coefficients.dtype
         is_true = sch.phase == 0
@@ -251,6 +259,7 @@ def make_verified(
         )
         return optax.tree.cast_like(step, updates), new_state
 
+    jitted_update = jax.jit(lambda u, s, p, v: update(u, s, p, v, {}))
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 

@@ -239,3 +239,26 @@ def test_schedule_step_is_a_pure_rule(case, sch, code, agree, undo, expect):
     )
     got = (int(nxt.length), int(nxt.horizon), bool(nxt.want_fit), bool(nxt.failed))
     assert got + (bool(nxt.phase_over),) == expect, case
+
+
+def test_eager_updates_compile_once():
+    # Without a user's jit, `update` is one cached program: the second eager call
+    # compiles nothing (issue 16: eager steps re-traced loops and diffrax, seconds each).
+    loss = lambda x: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * x**2)  # noqa: E731
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1)
+    p = jnp.ones(2)
+    s = opt.init(p)
+    v, g = lgfjax.value_and_grad(loss)(p, s)
+    opt.update(g, s, p, value=v)  # compiles
+    with jax.log_compiles():
+        import logging
+
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("jax").addHandler(handler)
+        try:
+            opt.update(g, s, p, value=v)
+        finally:
+            logging.getLogger("jax").removeHandler(handler)
+    assert not [r for r in records if "Compiling" in r.getMessage()]
