@@ -257,7 +257,7 @@ def heat_inverse(full: bool) -> dict:
                 misfit[-1],
                 r.compile_time,
                 r.run_time,
-                best_objective=float(np.min(misfit)),
+                best_objective=float(np.nanmin(misfit)),
                 **({"diagnostics": _lgf_diagnostics(r.state)} if lgf else {}),
             )
         )

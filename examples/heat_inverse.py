@@ -288,7 +288,9 @@ def summarise(name: str, r: Run, misfits: np.ndarray) -> list:
         hit,
         None if hit is None else int(r.evaluations[hit]),
         float(misfits[-1]),
-        float(np.min(misfits)),
+        # A surrogate phase may leave the domain (a2 < 0: NaN misfit) before the next
+        # true step undoes it, so the best is over the finite misfits.
+        float(np.nanmin(misfits)),
         f"({r.iterates[-1, 0]:.4f}, {r.iterates[-1, 1]:.4f})",
         float(r.compile_time),
         float(r.run_time),
