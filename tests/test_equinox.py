@@ -94,3 +94,50 @@ def test_skipped_evaluation_is_nan_and_zeros():
     assert abs(float(value - ref_value)) <= 32 * eps * 10 * abs(float(ref_value))
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
         assert float(jnp.max(jnp.abs(a - b))) <= 32 * eps * 10 * float(jnp.max(jnp.abs(b)))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("kind", ["lgf", "lgf_adam"])
+def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
+    # Issue 16: a float32 equinox MLP (1,185 weights) with the defaults reaches, with
+    # its G true gradients, a loss no higher than its base after the same G gradients
+    # (measured margins 3x for sgd, 2.6x for adam: a property, not a printed number).
+    model = eqx.nn.MLP(2, 1, 32, 2, key=jax.random.PRNGKey(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    params = perturb(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params))
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, 2), jnp.float32)
+    y = jnp.sin(2 * x[:, :1]) * jnp.cos(x[:, 1:])
+
+    def loss(p):
+        return jnp.mean((jax.vmap(eqx.combine(p, static))(x) - y) ** 2)
+
+    if kind == "lgf":
+        base, opt = optax.sgd(0.1), lgfjax.lgf(optax.sgd(0.1), dt=0.1)
+    else:
+        base, opt = optax.adam(1e-2), lgfjax.lgf_adam(1e-2)
+
+    @jax.jit
+    def run_lgf(p):
+        def body(c, _):
+            p, s = c
+            v, g = lgfjax.value_and_grad(loss)(p, s)
+            u, s = opt.update(g, s, p, value=v)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.lax.scan(body, (p, opt.init(p)), None, length=600)[0]
+
+    @jax.jit
+    def base_losses(p):
+        def body(c, _):
+            p, s = c
+            u, s = base.update(jax.grad(loss)(p), s, p)
+            p = optax.apply_updates(p, u)
+            return (p, s), loss(p)
+
+        return jax.lax.scan(body, (p, base.init(p)), None, length=600)[1]
+
+    p, s = run_lgf(params)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(p)} == {jnp.dtype(jnp.float32)}
+    g = int(lgfjax.gradient_evaluations(s))
+    assert g < 600
+    assert float(loss(p)) <= float(base_losses(params)[g - 1])
