@@ -11,15 +11,12 @@ from jaxtyping import Array, Int
 from ._fit import FitConfig
 from ._flow import RK4, integrate_span
 from ._lgf import (
-    _check_adaptive,
-    make_transformation,
+    build_engine,
     resolve_schedule,
     validate_flow_options,
     validate_schedule,
-    verified_config,
 )
 from ._validate import _concrete, check_bool, check_nonnegative, check_positive
-from ._verified import make_verified
 
 
 class AdamState(NamedTuple):
@@ -336,39 +333,23 @@ def lgf_adam(
         stepsize_controller=stepsize_controller,
         max_steps=16 * substeps if max_steps is None else max_steps,
     )
-    if schedule == "verified":
+    return build_engine(
+        schedule,
+        base_init,
+        base_update,
+        surrogate_fn,
         # Adam's flow models the gradient itself, which a true step receives.
-        return make_verified(
-            base_init=base_init,
-            base_update=base_update,
-            surrogate_fn=surrogate_fn,
-            target_fn=lambda grads, true_update: grads,
-            cfg=verified_config(
-                cfg,
-                verify_tolerance=verify_tolerance,
-                max_step_ratio=max_step_ratio,
-                check_every=check_every,
-                adaptive=adaptive,
-                max_surrogate_steps=max_surrogate_steps,
-                max_horizon=max_horizon,
-            ),
-            buffer_dtype=buffer_dtype,
-        )
-    max_surrogate_steps = _check_adaptive(
-        adaptive, max_surrogate_steps, retrain_interval - history_size
-    )
-    return make_transformation(
-        base_init=base_init,
-        base_update=base_update,
-        surrogate_fn=surrogate_fn,
+        target_fn=lambda grads, true_update: grads,
         record_gradients=True,
         cfg=cfg,
         retrain_interval=retrain_interval,
         dt=dt,
+        verify_tolerance=verify_tolerance,
         max_step_ratio=max_step_ratio,
         check_every=check_every,
         check_tolerance=check_tolerance,
         adaptive=adaptive,
         max_surrogate_steps=max_surrogate_steps,
+        max_horizon=max_horizon,
         buffer_dtype=buffer_dtype,
     )

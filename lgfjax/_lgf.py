@@ -669,18 +669,65 @@ def lgf(
         )
         return model.lift(z1 - z0, params), base_state, ok
 
+    def velocity(grads, true_update):
+        # What the flow models: the base's step over `dt` at the true iterate.
+        return jax.tree_util.tree_map(lambda u: u / jnp.asarray(dt, u.dtype), true_update)
+
+    return build_engine(
+        schedule,
+        base.init,
+        base.update,
+        surrogate_fn,
+        target_fn=velocity,
+        record_gradients=False,
+        cfg=cfg,
+        retrain_interval=retrain_interval,
+        dt=dt,
+        verify_tolerance=verify_tolerance,
+        max_step_ratio=max_step_ratio,
+        check_every=check_every,
+        check_tolerance=check_tolerance,
+        adaptive=adaptive,
+        max_surrogate_steps=max_surrogate_steps,
+        max_horizon=max_horizon,
+        buffer_dtype=buffer_dtype,
+    )
+
+
+def build_engine(
+    schedule,
+    base_init,
+    base_update,
+    surrogate_fn,
+    *,
+    target_fn,
+    record_gradients,
+    cfg,
+    retrain_interval,
+    dt,
+    verify_tolerance,
+    max_step_ratio,
+    check_every,
+    check_tolerance,
+    adaptive,
+    max_surrogate_steps,
+    max_horizon,
+    buffer_dtype,
+):
+    """The engine of either schedule for a front-end's base flow (shared by both).
+
+    `target_fn(grads, true_update)` is what the verified schedule records at a true
+    step (the quantity the flow models); `record_gradients` says the same for the
+    fixed schedule (gradients for Adam's flow, else the iterates' differences).
+    """
     if schedule == "verified":
         from ._verified import make_verified
 
-        def velocity(grads, true_update):
-            # What the flow models: the base's step over `dt` at the true iterate.
-            return jax.tree_util.tree_map(lambda u: u / jnp.asarray(dt, u.dtype), true_update)
-
         return make_verified(
-            base_init=base.init,
-            base_update=base.update,
+            base_init=base_init,
+            base_update=base_update,
             surrogate_fn=surrogate_fn,
-            target_fn=velocity,
+            target_fn=target_fn,
             cfg=verified_config(
                 cfg,
                 verify_tolerance=verify_tolerance,
@@ -693,13 +740,13 @@ def lgf(
             buffer_dtype=buffer_dtype,
         )
     max_surrogate_steps = _check_adaptive(
-        adaptive, max_surrogate_steps, retrain_interval - history_size
+        adaptive, max_surrogate_steps, retrain_interval - cfg.history_size
     )
     return make_transformation(
-        base_init=base.init,
-        base_update=base.update,
+        base_init=base_init,
+        base_update=base_update,
         surrogate_fn=surrogate_fn,
-        record_gradients=False,
+        record_gradients=record_gradients,
         cfg=cfg,
         retrain_interval=retrain_interval,
         dt=dt,
