@@ -1,6 +1,6 @@
 """Compile time of a jitted training step: LGF against its base and against its parts.
 
-A tanh MLP (1,185 weights, float32 as a network would be) trained on a fixed batch.
+A tanh MLP (1,249 weights, float32 as a network would be) trained on a fixed batch.
 For each optimiser the whole training step (gated objective + gradient, `update`,
 `apply_updates`) is jitted and timed as ``lower`` (tracing + lowering to StableHLO)
 and ``compile`` (XLA), with the size of the optimised HLO module. The parts of an

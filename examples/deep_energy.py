@@ -83,7 +83,8 @@ def run(opt, loss, params, steps: int):
     """
     grad_fn = lgfjax.value_and_grad(loss)
 
-    lgf = isinstance(opt.init(params), lgfjax.LGFState | lgfjax.VerifiedState)
+    state = opt.init(params)
+    lgf = isinstance(state, lgfjax.LGFState | lgfjax.VerifiedState)
 
     def body(carry, _):
         p, s = carry
@@ -100,7 +101,6 @@ def run(opt, loss, params, steps: int):
     def all_steps(p, s):
         return jax.lax.scan(body, (p, s), None, length=steps)
 
-    state = opt.init(params)
     compiled = jax.jit(all_steps).lower(params, state).compile()
     start = time.perf_counter()
     (params, state), values = compiled(params, state)

@@ -116,7 +116,9 @@ def _run(problem: HeatProblem, opt, direction, steps: int, value_fn: bool) -> Ru
         a = params * problem.scale
         return jnp.linalg.norm(grad_a(a)), problem.energy(params)
 
-    verified = isinstance(opt.init(problem.a0), lgfjax.VerifiedState)
+    params = problem.a0
+    state = opt.init(params)
+    verified = isinstance(state, lgfjax.VerifiedState)
 
     @jax.jit
     def step(params, state):
@@ -128,8 +130,6 @@ def _run(problem: HeatProblem, opt, direction, steps: int, value_fn: bool) -> Ru
         params = optax.apply_updates(params, updates)
         return params, state, monitor(params)
 
-    params = problem.a0
-    state = opt.init(params)
     t0 = time.perf_counter()
     compiled = step.lower(params, state).compile()
     compile_seconds = time.perf_counter() - t0

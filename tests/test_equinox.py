@@ -141,3 +141,11 @@ def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
     g = int(lgfjax.gradient_evaluations(s))
     assert g < 600
     assert float(loss(p)) <= float(base_losses(params)[g - 1])
+
+
+def test_filter_value_and_grad_docstring_example_runs():
+    import re
+    import textwrap
+
+    doc = lgfjax.filter_value_and_grad.__doc__
+    exec(textwrap.dedent(re.search(r"```python\n(.*?)```", doc, re.S).group(1)), {})

@@ -70,7 +70,10 @@ def test_confirmed_flow_outruns_the_base(max_horizon):
     # factor exp(-2 lambda_min t) at t >= 60 is <= exp(-1.2); at t >= 150, <= exp(-3).
     sgd_loss = float(loss(x0 * (1 - 0.1 * d) ** 600))
     if max_horizon == 1:
-        assert float(loss(p)) <= 1.01 * sgd_loss  # no faster than the base per step...
+        # Steps of dt only: the exact flow contracts by exp(-lambda dt) per step against
+        # SGD's 1 - lambda dt, a loss ratio <= 1 + (lambda dt)^2 per step, under 1 % over
+        # 600 steps (lambda dt <= 0.004): the run tracks the base step for step...
+        assert float(loss(p)) <= 1.01 * sgd_loss
     else:
         assert float(loss(p)) < 0.2 * sgd_loss  # ...unless steps outrun it
     assert int(lgfjax.gradient_evaluations(s)) == 10 + int(s.info.verifications)
