@@ -59,6 +59,16 @@ ROLES = {
     for name in ("LGF default", "LGF(Newton) default", "LGF-Adam default", "LGF(GD) default")
 }
 MILESTONES = (0.25, 0.5, 0.75, 1.0)  # fractions of the base's budget, for the notes
+# The README's results table (rewritten between these markers by --publish).
+README = os.path.join(ROOT, "README.md")
+README_BEGIN = "<!-- report:table begin (written by benchmarks/report.py --publish) -->"
+README_END = "<!-- report:table end -->"
+README_LABEL = {
+    "heat_inverse": "`heat_inverse.py` (2 parameters)",
+    "nonlinear_heat_newton": "`nonlinear_heat_newton.py` (225 unknowns)",
+    "topology_optimization": "`topology_optimization.py` (MBB beam 60x20)",
+    "deep_energy": "`deep_energy.py` (3-D elasticity, 560 weights)",
+}
 
 
 # ----------------------------------------------------------------------------------
@@ -841,19 +851,84 @@ def run_all(full: bool, only: Sequence[str]) -> dict:
     return {"meta": meta, "examples": examples}
 
 
-def main(argv=None):
+def readme_table(results: dict) -> str:
+    """The README's table: true evaluations to target, base / fixed / default."""
+    rows = []
+    for ex in results["examples"]:
+        by_role = {r["role"]: r for r in ex["runs"]}
+        base, fixed, default = by_role["base"], by_role.get("lgf"), by_role.get("default")
+
+        def evals(r):
+            return "-" if r is None or r["evals_to_target"] is None else r["evals_to_target"]
+
+        def ratio(r, bold=False):
+            if r is None or r["ratio"] is None:
+                return "not reached"
+            text = f"{r['ratio']:.2f}" if r["ratio"] >= 0.1 else f"{r['ratio']:.3f}"
+            return f"**{text}**" if bold else text
+
+        goal = "-"
+        if default is not None:
+            met = "met" if default["meets_goal"] else "**not met**"
+            goal = f"{default['goal']} ({met})"
+        label = README_LABEL.get(ex["key"], f"`{ex['key']}.py`")
+        rows.append(
+            [
+                label,
+                base["optimizer"],
+                evals(base),
+                evals(fixed),
+                evals(default),
+                ratio(fixed),
+                ratio(default, bold=True),
+                goal,
+            ]
+        )
+    header = ["example", "base", "base", "fixed", "default", "fixed / base"]
+    header += ["default / base", "default's goal"]
+    return markdown_table(header, rows)
+
+
+def publish_readme(results: dict, path: str = README) -> None:
+    """Replace the README's table between the report markers with `readme_table`."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.index(README_BEGIN), text.index(README_END)
+    table = readme_table(results)
+    text = text[: start + len(README_BEGIN)] + "\n" + table + "\n" + text[end:]
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the examples' full sizes")
     parser.add_argument(
         "--only", nargs="+", choices=list(EXAMPLE_FUNCS), default=list(EXAMPLE_FUNCS)
     )
-    parser.add_argument("--outdir", default=HERE, help="where results.* and the plot go")
+    parser.add_argument(
+        "--outdir",
+        default=os.path.join(HERE, "outputs"),
+        help="where results.* and the plot go (default benchmarks/outputs/, untracked)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="write into benchmarks/ (the committed results) and rewrite the README's table",
+    )
     parser.add_argument(
         "--from-json",
         action="store_true",
         help="rewrite results.md and the plot from results.json, without running",
     )
     args = parser.parse_args(argv)
+    if args.publish:
+        args.outdir = HERE
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     json_path = os.path.join(args.outdir, "results.json")
     if args.from_json:
         with open(json_path) as f:
@@ -867,6 +942,9 @@ def main(argv=None):
         f.write(text)
     print(text)
     print("figure:", plot(results, os.path.join(args.outdir, "convergence.png")))
+    if args.publish:
+        publish_readme(results)
+        print("README table rewritten from this run")
     return results
 
 

@@ -1,10 +1,12 @@
 """Reading an LGF state, and evaluating the objective only when a step needs it."""
 
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ._fit import STATUS_MESSAGES
@@ -139,7 +141,11 @@ def value_and_grad(fun: Callable, *, has_aux: bool = False) -> Callable:
     assert value == 2.0 and grads.tolist() == [2.0, 2.0]
     ```
     """
-    return when_needed(jax.value_and_grad(fun, has_aux=has_aux))
+    return _cached(
+        fun,
+        ("value_and_grad", has_aux),
+        lambda: _jit_if_arrays(when_needed(jax.value_and_grad(fun, has_aux=has_aux))),
+    )
 
 
 def filter_value_and_grad(fun: Callable, *, has_aux: bool = False) -> Callable:
@@ -169,18 +175,58 @@ def filter_value_and_grad(fun: Callable, *, has_aux: bool = False) -> Callable:
     """
     import equinox as eqx
 
-    grad_fn = eqx.filter_value_and_grad(fun, has_aux=has_aux)
+    def make():
+        grad_fn = eqx.filter_value_and_grad(fun, has_aux=has_aux)
 
-    def wrapped(model, state, *args, **kwargs):
-        dynamic, static = eqx.partition((model, args, kwargs), eqx.is_array)
+        def wrapped(model, state, *args, **kwargs):
+            dynamic, static = eqx.partition((model, args, kwargs), eqx.is_array)
 
-        def evaluate(dyn):
-            m, a, k = eqx.combine(dyn, static)
-            return grad_fn(m, *a, **k)
+            def evaluate(dyn):
+                m, a, k = eqx.combine(dyn, static)
+                return grad_fn(m, *a, **k)
 
-        return when_needed(evaluate)(dynamic, state)
+            return when_needed(evaluate)(dynamic, state)
 
-    return wrapped
+        # Compiled once and cached, so eager loops do not re-trace the cond each step.
+        return eqx.filter_jit(wrapped)
+
+    return _cached(fun, ("filter_value_and_grad", has_aux), make)
+
+
+# Gated evaluators by objective, so that calling `value_and_grad(loss)` afresh at every
+# eager step reuses one compiled program (weak keys: nothing is kept alive).
+_CACHE: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cached(fun, key, make):
+    try:
+        per_fun = _CACHE.setdefault(fun, {})
+    except TypeError:  # not weak-referenceable: build afresh
+        return make()
+    if key not in per_fun:
+        per_fun[key] = make()
+    return per_fun[key]
+
+
+_JAX_SCALARS = (int, float, complex, bool, np.generic, np.ndarray, jax.Array)
+
+
+def _jit_if_arrays(fn: Callable) -> Callable:
+    """`fn` through a cached `jax.jit` when every argument leaf is an array or number.
+
+    Eager calls then dispatch one compiled program instead of re-tracing the
+    `lax.cond` (tens of milliseconds); inside a user's `jit` it is inlined. Other
+    leaves (strings, callables) go to `fn` directly.
+    """
+    jitted = jax.jit(fn)
+
+    def call(*args, **kwargs):
+        leaves = jax.tree_util.tree_leaves((args, kwargs))
+        if all(isinstance(x, _JAX_SCALARS) for x in leaves):
+            return jitted(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
 
 
 def when_needed(fn: Callable) -> Callable:

@@ -36,6 +36,7 @@ between steps or phases); on CPU, STLSQ solves its targets one at a time.
 """
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -152,6 +153,35 @@ def _surrogate_model(model: Model, degree, include_bias, params) -> SurrogateMod
     return SurrogateModel(flow, model.basis, unravel, model.origin)
 
 
+UNGATED_WARNING = (
+    "lgfjax: a surrogate step was handed a non-zero gradient, so the objective ran "
+    "although no true step was due and nothing was saved. Take gradients with "
+    "`lgfjax.value_and_grad` / `lgfjax.filter_value_and_grad` (or gate them on "
+    "`lgfjax.needs_gradient(state)`); `lgfjax.diagnostics(state).ungated_gradients` "
+    "counts such steps. (Warned once per optimiser.)"
+)
+
+
+def _once_per_run_warning():
+    """``warn(flag)``: a `UserWarning` the first time `flag` is true, per optimiser.
+
+    The host callback sits in a `lax.cond`, so it runs only on the rare step where
+    `flag` is true (under `vmap` the cond becomes a select: the callback then runs
+    every step and reads the flag itself).
+    """
+    warned = []
+
+    def host(flag):
+        if not warned and bool(np.any(flag)):
+            warned.append(True)
+            warnings.warn(UNGATED_WARNING, UserWarning, stacklevel=1)
+
+    def warn(flag):
+        jax.lax.cond(flag, lambda f: jax.debug.callback(host, f), lambda f: None, flag)
+
+    return warn
+
+
 def _all_finite(tree):
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
@@ -193,6 +223,8 @@ def make_verified(
         # inside a user's jit this is inlined.
         return jitted_update(updates, state, params, value)
 
+    warn_ungated = _once_per_run_warning()
+
     def update(updates, state, params, value, extra_args):
         sch, model, info = state.schedule, state.model, state.info
         dtype = model.coefficients.dtype
@@ -203,6 +235,7 @@ def make_verified(
             updates, state, params, base_update, surrogate_fn, cfg, extra_args
         )
         skipped = is_true & (code == NONFINITE_GRADIENT)
+        warn_ungated(ungated)
         # 2. The first true step after a phase judges it, for free.
         measured = target_fn(updates, step)
         judging = is_true & sch.verify

@@ -1,5 +1,7 @@
 """Equinox models: `lgfjax.filter_value_and_grad`, and counting that cannot mislead."""
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -54,7 +56,9 @@ def train(opt, gated: bool, steps=STEPS):
 @pytest.mark.parametrize("kind", ["lgf", "lgf_adam"])
 def test_equinox_mlp_trains_and_objective_runs_only_in_true_steps(kind):
     opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1) if kind == "lgf" else lgfjax.lgf_adam(1e-2)
-    start, end, state, calls = train(opt, gated=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gated: no ungated-gradient warning
+        start, end, state, calls = train(opt, gated=True)
     d = lgfjax.diagnostics(state)
     # Exact: the gated objective runs once per true step and never otherwise.
     assert calls == int(d.gradient_evaluations)
@@ -68,8 +72,11 @@ def test_equinox_mlp_trains_and_objective_runs_only_in_true_steps(kind):
 def test_ungated_gradients_are_reported():
     # The usual equinox loop evaluates the objective every step: LGF saves nothing, and
     # the diagnostics say so (a surrogate step handed a non-zero gradient).
+    # It also warns, once per optimiser (not once per wasted step).
     opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1)
-    _, _, state, calls = train(opt, gated=False, steps=60)
+    with pytest.warns(UserWarning, match="non-zero gradient") as caught:
+        _, _, state, calls = train(opt, gated=False, steps=60)
+    assert len([w for w in caught if "non-zero gradient" in str(w.message)]) == 1
     d = lgfjax.diagnostics(state)
     assert calls == 60  # exact: once per step
     surrogate = 60 - int(d.gradient_evaluations)

@@ -109,3 +109,25 @@ def test_note_gives_the_reason(lgf, kmm, expected, absent):
     note = report._note(lgf, base, kmm)
     assert all(e in note for e in expected), note
     assert not any(a in note for a in absent), note
+
+
+def test_readme_table_is_the_committed_report():
+    # The README's results table is written by `report.py --publish`; it must be the
+    # table of the committed results.json, so the two cannot drift apart.
+    import json
+
+    with open(os.path.join(os.path.dirname(_PATH), "results.json")) as f:
+        results = json.load(f)
+    with open(report.README) as f:
+        readme = f.read()
+    start = readme.index(report.README_BEGIN) + len(report.README_BEGIN)
+    assert readme[start : readme.index(report.README_END)].strip() == report.readme_table(results)
+
+
+def test_default_output_is_untracked():
+    # Regenerating the report must not dirty the tree unless --publish is asked.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(_PATH)))
+    outdir = os.path.relpath(report.parse_args([]).outdir, root)
+    with open(os.path.join(root, ".gitignore")) as f:
+        assert outdir.replace(os.sep, "/") + "/" in f.read().split()
+    assert report.parse_args(["--publish"]).outdir == report.HERE

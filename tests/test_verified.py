@@ -253,6 +253,7 @@ def test_eager_updates_compile_once():
     s = opt.init(p)
     v, g = lgfjax.value_and_grad(loss)(p, s)
     opt.update(g, s, p, value=v)  # compiles
+    # The gated objective too, even when `value_and_grad(loss)` is built afresh per step.
     with jax.log_compiles():
         import logging
 
@@ -261,6 +262,7 @@ def test_eager_updates_compile_once():
         handler.emit = records.append
         logging.getLogger("jax").addHandler(handler)
         try:
+            v, g = lgfjax.value_and_grad(loss)(p, s)
             opt.update(g, s, p, value=v)
         finally:
             logging.getLogger("jax").removeHandler(handler)
