@@ -1,6 +1,6 @@
 """Benchmark report: true evaluations, objective and time of every example, base vs LGF.
 
-Runs the four examples (through their importable functions, with their own settings)
+Runs the five examples (through their importable functions, with their own settings)
 and writes, next to this file:
 
 - ``results.json``: every number below, the convergence curves and the machine;
@@ -52,6 +52,7 @@ DEFAULT_GOAL = {
     "nonlinear_heat_newton": 0.6,
     "deep_energy": 0.7,
     "topology_optimization": 0.35,
+    "wave_inverse": 0.6,
 }
 DEFAULT_STEPS = 2
 ROLES = {
@@ -68,6 +69,7 @@ README_LABEL = {
     "nonlinear_heat_newton": "`nonlinear_heat_newton.py` (225 unknowns)",
     "topology_optimization": "`topology_optimization.py` (MBB beam 60x20)",
     "deep_energy": "`deep_energy.py` (3-D elasticity, 560 weights)",
+    "wave_inverse": "`wave_inverse.py` (wave inverse, 200 elements)",
 }
 
 
@@ -463,11 +465,59 @@ def topology_optimization(full: bool) -> dict:
     )
 
 
+def wave_inverse(full: bool) -> dict:
+    """Adam vs LGF-Adam (K = 20, M = 40, linear + bias, full space); target: Adam's
+    final relative parameter error (the example's). Both LGF runs get up to 2x Adam's
+    steps, as in the example."""
+    ex = _import_example("wave_inverse")
+    steps = ex.STEPS if full else ex.STEPS // 2
+    problem = ex.make_problem()
+    named = ex.compare(problem, steps, lgf_steps=DEFAULT_STEPS * steps)
+    runs = []
+    for name, r in named.items():
+        lgf = name != "Adam"
+        runs.append(
+            _run_record(
+                name,
+                ROLES.get(name, "lgf") if lgf else "base",
+                np.arange(r.error.size),
+                r.evaluations,
+                r.error,
+                r.error[-1],
+                r.compile_seconds,
+                r.seconds,
+                final_loss=float(r.final_loss),
+                **({"diagnostics": _lgf_diagnostics(r.state)} if lgf else {}),
+            )
+        )
+    mesh = problem.mesh
+    return dict(
+        key="wave_inverse",
+        title="wave (scattering) inverse problem, slowness field",
+        size=f"{len(mesh.elements)} P1 elements ({mesh.free.size} free nodes), consistent "
+        f"mass, 300 central-difference steps; Adam {steps} steps, LGF up to "
+        f"{DEFAULT_STEPS * steps}, lr {ex.LR:g}",
+        objective="||m - m_true||^2 / ||m_true||^2",
+        short="rel. error",
+        target=f"error <= {named['Adam'].error[-1]:.4g} (Adam's final)",
+        target_value=float(named["Adam"].error[-1]),
+        strict=False,
+        K=ex.K,
+        M=ex.M,
+        measured="relative parameter error of every iterate, computed in the run "
+        "(no simulation, not counted)",
+        compile_note="AOT lower().compile() of the scanned run (example's Run.compile_seconds)",
+        logy=True,
+        runs=runs,
+    )
+
+
 EXAMPLE_FUNCS: dict[str, Callable[[bool], dict]] = {
     "heat_inverse": heat_inverse,
     "nonlinear_heat_newton": nonlinear_heat_newton,
     "deep_energy": deep_energy,
     "topology_optimization": topology_optimization,
+    "wave_inverse": wave_inverse,
 }
 
 # Context for each example that the numbers alone do not give (why K, M, the target).
@@ -490,6 +540,18 @@ CONTEXT = {
     "ratio into the steps LGF took to the target and the share of true steps among "
     "them; true steps beyond K per cycle mean a surrogate phase was refused or "
     "abandoned (a fallback to true steps).",
+    "wave_inverse": "The authors' settings (K = 20, M = 40, linear library with bias in "
+    "the full 200-dimensional space: 201 terms from 21 iterates, the dual STLSQ, "
+    "threshold 1e-8, alpha 0), so K/M = 0.5 allows the 0.6x goal; the objective is the "
+    "parameter error, not the loss the optimisers minimise. The verified default "
+    "(rank-5 POD, nothing tuned) loses on this measure although it lowers the loss much "
+    "faster than Adam (measured at the full size: loss 5e-4 after 600 gradients against "
+    "Adam's 2e-2): the data barely see the deep elements (the Gauss-Newton diagonal at "
+    "m_true is 460x smaller in the bottom fifth of the square than in the top fifth), "
+    "Adam's per-coordinate normalisation is what moves them, and a gradient learned in "
+    "5 POD modes of the iterates gets those small components wrong; about half of its "
+    "surrogate phases are refused by the next true step, and most of its final error "
+    "sits in y < 0.4.",
 }
 
 
@@ -582,16 +644,21 @@ def _note(r: dict, base: dict, kmm: tuple[int, int]) -> str:
 def _note_default(r: dict, base: dict, goal: float) -> str:
     """The verified default's row: its verdict, steps against the base, verifications."""
     if r["ratio"] is None:
-        return "the verified default never reached the target"
-    parts = [
-        "LGF does not win: needs more evaluations than the base"
-        if r["ratio"] > 1
-        else f"meets its {goal}x goal"
-        if r["ratio"] <= goal
-        else f"wins, but misses its {goal}x goal"
-    ]
-    steps = r["steps_to_target"] / max(base["steps_to_target"], 1)
-    parts.append(f"steps to the target {steps:.2f}x the base's")
+        # Still say what the run did: its verifications and fallbacks are the reason.
+        parts = [
+            f"LGF does not win: the verified default never reached the target in "
+            f"{r['total_steps']} steps ({r['total_evaluations']} true evaluations)"
+        ]
+    else:
+        parts = [
+            "LGF does not win: needs more evaluations than the base"
+            if r["ratio"] > 1
+            else f"meets its {goal}x goal"
+            if r["ratio"] <= goal
+            else f"wins, but misses its {goal}x goal"
+        ]
+        steps = r["steps_to_target"] / max(base["steps_to_target"], 1)
+        parts.append(f"steps to the target {steps:.2f}x the base's")
     d = r.get("diagnostics", {})
     if "verifications" in d:
         parts.append(
@@ -702,7 +769,7 @@ def markdown(results: dict) -> str:
                 "relative_displacement_difference"
             ]
         for r in ex["runs"]:
-            for k in ("final_energy", "best_objective", "volume"):
+            for k in ("final_energy", "best_objective", "volume", "final_loss"):
                 if k in r:
                     extra[f"{r['optimizer']} {k.replace('_', ' ')}"] = r[k]
         if extra:
