@@ -119,7 +119,7 @@ def scale_worker(n: int, repeats: int, buffer_dtype: str | None):
 
     for _ in range(K):
         params, state = true_step(params, state)
-    assert int(state.cycle_step) == K and int(state.phase) == 1
+    assert int(state.schedule.cycle_step) == K and int(state.phase) == 1
 
     update = jax.jit(lambda g, s, p: opt.update(g, s, p), donate_argnums=1)
     zeros = jnp.zeros_like(params)
@@ -145,7 +145,7 @@ def scale_worker(n: int, repeats: int, buffer_dtype: str | None):
     upd, s = compiled(zeros, copy(state), params)
     p = optax.apply_updates(params, upd)
     jax.block_until_ready(s)
-    status_after_fit = int(s.status)
+    status_after_fit = int(s.info.status)
 
     box = {"s": s}
 
@@ -156,10 +156,10 @@ def scale_worker(n: int, repeats: int, buffer_dtype: str | None):
     surrogate()
     surrogate_time = _median_time(surrogate, repeats)
     final = box["s"]
-    surrogate_ok = int(final.phase) == 1 and int(final.status) == 0
+    surrogate_ok = int(final.phase) == 1 and int(final.info.status) == 0
 
     # Floor: one projection onto the rank-r basis and back, basis stored (r, n).
-    basis = final.basis
+    basis = final.model.basis
     floor_fn = jax.jit(lambda u, x: (u @ x) @ u)
     jax.block_until_ready(floor_fn(basis, p))
     floor_time = _median_time(lambda: jax.block_until_ready(floor_fn(basis, p)), repeats)
@@ -181,7 +181,7 @@ def scale_worker(n: int, repeats: int, buffer_dtype: str | None):
         "largest_hlo_elements": largest[0],
         "status_after_fit": status_after_fit,
         "surrogate_phase_ok": surrogate_ok,
-        "pod_energy": float(final.pod_energy),
+        "pod_energy": float(final.info.pod_energy),
         "peak_rss_mib": _peak_mib(),
     }
 

@@ -8,8 +8,9 @@ from ._derivatives import (
     weak_form as weak_form,
 )
 from ._fit import STATUS_MESSAGES as STATUS_MESSAGES, Status as Status
+from ._fixed import LGFState as LGFState
 from ._flow import RK4 as RK4, PolynomialFlow as PolynomialFlow
-from ._lgf import LGFState as LGFState, lgf as lgf
+from ._lgf import lgf as lgf
 from ._library import (
     feature_names as feature_names,
     library_size as library_size,
@@ -33,6 +34,7 @@ from ._state import (
     value_and_grad as value_and_grad,
 )
 from ._stlsq import stlsq as stlsq
+from ._validate import static_args as static_args
 from ._verified import VerifiedState as VerifiedState
 
 try:

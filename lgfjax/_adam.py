@@ -8,14 +8,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int
 
-from ._fit import FitConfig
 from ._flow import RK4, integrate_span
-from ._lgf import (
-    build_engine,
-    resolve_schedule,
-    validate_flow_options,
-    validate_schedule,
-)
+from ._lgf import build_engine, fit_options, shared_options
 from ._validate import _concrete, check_bool, check_nonnegative, check_positive
 
 
@@ -35,6 +29,11 @@ def _bias(decay, count):
     # As optax: the power is taken in the default float dtype, then cast per leaf, so
     # that low-precision moments never see 1 - decay**count round to zero.
     return 1 - decay**count
+
+
+def _rate(learning_rate, count) -> Any:
+    # A schedule is evaluated at the Adam steps taken before this one, as optax does.
+    return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
 def adam_base(learning_rate, b1, b2, eps, amsgrad: bool):
@@ -59,7 +58,7 @@ def adam_base(learning_rate, b1, b2, eps, amsgrad: bool):
         del params, extra_args
         mu = jax.tree_util.tree_map(lambda g, m: (1 - b1) * g + b1 * m, grads, state.mu)
         nu = jax.tree_util.tree_map(lambda g, v: (1 - b2) * g**2 + b2 * v, grads, state.nu)
-        count = optax.safe_increment(state.count)
+        count = jnp.asarray(optax.safe_increment(state.count))
         c1, c2 = _bias(b1, count), _bias(b2, count)
         mu_hat = jax.tree_util.tree_map(lambda m: m / c1.astype(m.dtype), mu)
         nu_hat = jax.tree_util.tree_map(lambda v: v / c2.astype(v.dtype), nu)
@@ -67,8 +66,9 @@ def adam_base(learning_rate, b1, b2, eps, amsgrad: bool):
         if amsgrad:
             nu_max = jax.tree_util.tree_map(jnp.maximum, state.nu_max, nu_hat)
             nu_hat = nu_max
+        lr = _rate(learning_rate, state.count)
         updates = jax.tree_util.tree_map(
-            lambda m, v: -learning_rate * (m / (jnp.sqrt(v) + eps)), mu_hat, nu_hat
+            lambda m, v: -lr * (m / (jnp.sqrt(v) + eps)), mu_hat, nu_hat
         )
         updates = jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype), updates, grads)
         return updates, AdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
@@ -91,9 +91,12 @@ def adam_surrogate(
     max is held fixed within the step (the denominator uses ``max(nu_max, vhat(s))``)
     and updated at its end.
     """
-    eta = learning_rate
 
     def surrogate_fn(model, params, base_state, dtype, span=1):
+        # A scheduled rate is held at its value at the step's start over the step (a
+        # surrogate step of `span` > 1 Adam steps included); `dt` then follows it.
+        eta = _rate(learning_rate, base_state.count)
+
         # `span` Adam steps (the int 1, or an int32 array) in one surrogate step.
         def vector_field(s, y, args):
             a, m, v = y
@@ -122,7 +125,7 @@ def adam_surrogate(
         y0 = to_fit((params, base_state.mu, base_state.nu))
         count0 = base_state.count.astype(dtype)
         nu_max0 = None if base_state.nu_max is None else to_fit(base_state.nu_max)
-        dt_ = jnp.asarray(dt, dtype)
+        dt_ = jnp.asarray(eta if dt is None else dt, dtype)
         (a1, m1, v1), ok = integrate_span(
             vector_field,
             y0,
@@ -137,7 +140,7 @@ def adam_surrogate(
             shift_args=lambda a, k: (a[0] + k.astype(dtype) * dt_ / eta, a[1]),
         )
         if isinstance(span, int) and span == 1:
-            count = optax.safe_increment(base_state.count)
+            count = jnp.asarray(optax.safe_increment(base_state.count))
         else:
             count = base_state.count + jnp.asarray(span, base_state.count.dtype)
         nu_max = None
@@ -146,7 +149,7 @@ def adam_surrogate(
             c2 = 1 - b2 ** (count0 + span * dt_ / eta)
             nu_max = optax.tree.cast_like(
                 jax.tree_util.tree_map(lambda vm, v: jnp.maximum(vm, v / c2), nu_max0, v1),
-                base_state.nu_max,
+                base_state.nu_max,  # pyright: ignore[reportArgumentType] (not None here)
             )
         new_state = AdamState(
             count=count,
@@ -161,7 +164,7 @@ def adam_surrogate(
 
 
 def lgf_adam(
-    learning_rate: float,
+    learning_rate: float | optax.Schedule,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -215,7 +218,9 @@ def lgf_adam(
 
     **Arguments:**
 
-    - `learning_rate`, `b1`, `b2`, `eps`: Adam's, as in `optax.adam`.
+    - `learning_rate`, `b1`, `b2`, `eps`: Adam's, as in `optax.adam`; `learning_rate`
+      may be an optax schedule (of the Adam steps taken, true and surrogate): each
+      surrogate step then integrates the Adam ODE over its own scheduled rate.
     - `history_size`: K, true steps recorded per cycle (``>= 2``), or the number of
       recent (iterate, gradient) pairs the model is fitted to (verified; default 10).
     - `retrain_interval`: M, updates per cycle (``>= K``); selects the fixed schedule.
@@ -271,54 +276,25 @@ def lgf_adam(
     assert lgfjax.gradient_evaluations(state) == 100 and loss(params) < 1e-3
     ```
     """
-    check_positive("learning_rate", learning_rate)
+    scheduled = callable(learning_rate)
+    if scheduled and dt is not None:
+        raise ValueError(
+            "`dt` must be None when `learning_rate` is a schedule: each surrogate step then "
+            f"integrates over the scheduled rate of its Adam step, got dt={dt!r}."
+        )
+    if not scheduled:
+        check_positive("learning_rate", learning_rate)
     for name, value in (("b1", b1), ("b2", b2)):
         if _concrete(value) and not 0.0 <= float(value) < 1.0:
             raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
     check_nonnegative("eps", eps)
     check_bool("amsgrad", amsgrad)
-    if dt is None:
-        dt = learning_rate
-    schedule, history_size, rank, center = resolve_schedule(
-        schedule, history_size, retrain_interval, rank, center
-    )
-    if relative_threshold is None:
-        # The verified schedule keeps fitting as a run converges and steps shrink.
-        relative_threshold = schedule == "verified"
-    if schedule == "fixed":
-        # A linear gradient model needs at least two (iterate, gradient) pairs.
-        validate_schedule(history_size, retrain_interval, rank, 2, center)
-    validate_flow_options(
-        poly_order=poly_order,
-        dt=dt,
-        threshold=threshold,
-        relative_threshold=relative_threshold,
-        alpha=alpha,
-        max_iter=max_iter,
-        solver=solver,
-        substeps=substeps,
-        max_steps=max_steps,
-        max_step_ratio=max_step_ratio,
-        check_every=check_every,
-        check_tolerance=check_tolerance,
-        weak_power=4,
-    )
-    cfg = FitConfig(
-        history_size=history_size,
-        degree=poly_order,
-        include_bias=include_bias,
-        rank=rank,
-        center=center,
-        derivative="tracked",
-        fd_order=2,
-        weak_width=None,
-        weak_power=4,
-        threshold=threshold,
-        relative_threshold=relative_threshold,
-        alpha=alpha,
-        max_iter=max_iter,
-        normalize_columns=normalize_columns,
-        unbias=unbias,
+    surrogate_dt = None if scheduled else dt
+    if dt is None:  # (for the checks: a schedule's first rate)
+        dt = float(learning_rate(0)) if scheduled else learning_rate  # pyright: ignore
+    # A linear gradient model needs at least two (iterate, gradient) pairs.
+    schedule, cfg = fit_options(
+        min_history=2, **shared_options(fit_options, locals(), "min_history")
     )
     base_init, base_update = adam_base(learning_rate, b1, b2, eps, amsgrad)
     surrogate_fn = adam_surrogate(
@@ -327,29 +303,18 @@ def lgf_adam(
         b2,
         eps,
         amsgrad,
-        dt,
+        surrogate_dt,
         solver=solver,
         substeps=substeps,
         stepsize_controller=stepsize_controller,
         max_steps=16 * substeps if max_steps is None else max_steps,
     )
     return build_engine(
-        schedule,
         base_init,
         base_update,
         surrogate_fn,
         # Adam's flow models the gradient itself, which a true step receives.
         target_fn=lambda grads, true_update: grads,
         record_gradients=True,
-        cfg=cfg,
-        retrain_interval=retrain_interval,
-        dt=dt,
-        verify_tolerance=verify_tolerance,
-        max_step_ratio=max_step_ratio,
-        check_every=check_every,
-        check_tolerance=check_tolerance,
-        adaptive=adaptive,
-        max_surrogate_steps=max_surrogate_steps,
-        max_horizon=max_horizon,
-        buffer_dtype=buffer_dtype,
+        **shared_options(build_engine, locals(), "target_fn", "record_gradients"),
     )

@@ -58,7 +58,10 @@ STATUS_MESSAGES = {
     VALUE_REJECTED: "value_fn rejected the surrogate phase; rolled back",
     FLOW_DISAGREED: "the true step after the surrogate phase disagreed with the learned flow",
     LOSS_ROSE: "the loss rose over the surrogate phase; rolled back",
-    NONFINITE_GRADIENT: "a true step's gradient or update was not finite; the step was skipped",
+    NONFINITE_GRADIENT: (
+        "a true step's gradient or update was not finite; the step was skipped (and, if the "
+        "loss there was not finite either, the iterate went back to the last true iterate)"
+    ),
 }
 
 
@@ -69,7 +72,7 @@ class FitConfig:
     history_size: int
     degree: int
     include_bias: bool
-    rank: int | None
+    rank: int | None  # (the verified schedule passes "auto", resolved at its init)
     center: bool  # POD of the iterates relative to the last one (rank only)
     derivative: str  # "strong", "weak" or "tracked"
     fd_order: int

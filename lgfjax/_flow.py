@@ -104,7 +104,8 @@ def integrate(
     def solve_converted(y0, args, consts):
         return solve(y0, args, lambda t, y, a: converted(t, y, a, *consts))
 
-    return jax.sharding.auto_axes(solve_converted, out_sharding=out_sharding)(y0, args, consts)
+    auto = jax.sharding.auto_axes(solve_converted, out_sharding=out_sharding)
+    return auto(y0, args, consts)  # pyright: ignore[reportCallIssue] (typed as one argument)
 
 
 def integrate_span(vector_field, y0, dt, span, *, args=None, shift_args=None, **options):

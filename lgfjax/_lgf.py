@@ -9,20 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Float, Int, PyTree
 
 from ._derivatives import FD_ORDERS
 from ._fit import (
-    NONFINITE_STEP,
-    OK,
-    SOLVER_FAILED,
-    STEP_TOO_LARGE,
-    VALUE_REJECTED,
     FitConfig,
-    fit_flow,
 )
 from ._flow import RK4, PolynomialFlow, integrate_span
-from ._library import library_size
 from ._pod import gathered, placed_like, tree_lift, tree_project
 from ._validate import (
     _concrete,
@@ -34,45 +26,14 @@ from ._validate import (
 )
 
 
-class LGFState(NamedTuple):
-    """State of `lgfjax.lgf` and `lgfjax.lgf_adam`. Every field is an array leaf.
-
-    Counters are int32 scalars. "Fit dtype" is float64 if any parameter is float64,
-    else float32. ``K`` is `history_size`, ``r`` the rank (``n``, the number of
-    parameters, in full space) and ``P`` the number of library terms.
-    """
-
-    count: Int[Array, ""]  # int32: updates applied so far
-    cycle_step: Int[Array, ""]  # int32: position in the current cycle, 0 .. K + S - 1
-    phase: Int[Array, ""]  # int32: 0 if the next update needs a true gradient, else 1
-    gradient_evaluations: Int[Array, ""]  # int32: true gradients consumed
-    value_evaluations: Int[Array, ""]  # int32: value_fn calls made by acceptance checks
-    surrogate_steps: Int[Array, ""]  # int32: S, surrogate steps in this cycle
-    base_state: Any  # the base optimiser's state, advanced by true steps only
-    trajectory: PyTree[Array]  # leaves (K + 1, *shape), buffer dtype: cycle iterates
-    gradients: PyTree[Array] | None  # leaves (K, *shape): true gradients (Adam only)
-    coefficients: Float[Array, "P r"]  # fit dtype: the learned flow
-    basis: PyTree[Array] | None  # leaves (r, *shape), fit dtype: POD basis (rank only)
-    step_bound: Float[Array, ""]  # fit dtype: largest surrogate step accepted
-    status: Int[Array, ""]  # int32: reason of the last fallback (see `status_message`)
-    fallbacks: Int[Array, ""]  # int32: surrogate phases abandoned
-    fit_residual: Float[Array, ""]  # fit dtype: relative residual of the last fit
-    active_terms: Int[Array, ""]  # int32: non-zero coefficients of the last fit
-    pod_energy: Float[Array, ""]  # fit dtype: energy captured by the basis (1 if full)
-    accepted: Int[Array, ""]  # int32: surrogate steps kept
-    rejected: Int[Array, ""]  # int32: surrogate steps refused or rolled back
-    since_check: Int[Array, ""]  # int32: surrogate steps since the last accepted point
-    reference_loss: Float[Array, ""]  # fit dtype: value_fn at the last accepted point
-    anchor: Any  # (params, base_state) at the last accepted point, or None
-
-
 class SurrogateModel(NamedTuple):
     """What a surrogate step sees: the fitted flow and its coordinates."""
 
     flow: PolynomialFlow
     basis: Any  # POD basis leaves, or None for full space
-    unravel: Callable  # full space only: flat vector -> pytree like params
+    unravel: Callable | None  # full space only: flat vector -> pytree like params
     origin: Any = None  # with `center`: the point the POD coordinates are relative to
+    drift: Any = None  # POD only: the measured velocity's part outside the basis, frozen
 
     def project(self, tree, dtype):
         if self.basis is None:
@@ -85,6 +46,7 @@ class SurrogateModel(NamedTuple):
 
     def lift(self, dz, like):
         if self.basis is None:
+            assert self.unravel is not None  # full space always carries its unravel
             return placed_like(optax.tree.cast_like(self.unravel(dz), like), like)
         return tree_lift(self.basis, dz, like)
 
@@ -121,279 +83,6 @@ def _zeros_along(leaf, rows: int, dtype):
 def _fit_dtype(params):
     dtypes = [jnp.result_type(leaf) for leaf in jax.tree_util.tree_leaves(params)]
     return jnp.result_type(np.float32, *dtypes)
-
-
-def _last_step_length(trajectory, dtype):
-    # The surrogate continues from the last recorded iterate, so the last true step
-    # is the natural scale for how far one surrogate step may go.
-    return optax.tree.norm(
-        jax.tree_util.tree_map(lambda b: b[-1].astype(dtype) - b[-2].astype(dtype), trajectory)
-    )
-
-
-def make_transformation(
-    *,
-    base_init: Callable,
-    base_update: Callable,
-    surrogate_fn: Callable,
-    record_gradients: bool,
-    cfg: FitConfig,
-    retrain_interval: int,
-    dt: float,
-    max_step_ratio: float | None,
-    check_every: int | None,
-    check_tolerance: float,
-    adaptive: bool,
-    max_surrogate_steps: int,
-    buffer_dtype,
-) -> optax.GradientTransformationExtraArgs:
-    """The cycle engine shared by `lgf` and `lgf_adam`.
-
-    `surrogate_fn(model, params, base_state, dtype)` returns ``(updates, base_state,
-    ok)`` for one surrogate step; everything else (recording, fitting, guards, value
-    checks, the schedule) is common.
-    """
-    K = cfg.history_size
-    checking = check_every is not None
-
-    def init_fn(params):
-        dtype = _fit_dtype(params)
-        n = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
-        r = n if cfg.rank is None else cfg.rank
-        P = library_size(r, cfg.degree, cfg.include_bias)
-
-        def buffer(rows, dtype=None):
-            return jax.tree_util.tree_map(
-                lambda p: _zeros_along(p, rows, dtype or buffer_dtype or jnp.result_type(p)),
-                params,
-            )
-
-        def zero_i():
-            # One array per counter, so that the state can be donated.
-            return jnp.zeros((), jnp.int32)
-
-        base_state = base_init(params)
-        return LGFState(
-            count=zero_i(),
-            cycle_step=zero_i(),
-            phase=zero_i(),
-            gradient_evaluations=zero_i(),
-            value_evaluations=zero_i(),
-            surrogate_steps=jnp.asarray(retrain_interval - K, jnp.int32),
-            base_state=base_state,
-            trajectory=buffer(K + 1),
-            gradients=buffer(K) if record_gradients else None,
-            coefficients=jnp.zeros((P, r), dtype),
-            basis=None if cfg.rank is None else buffer(r, dtype),
-            step_bound=jnp.zeros((), dtype),
-            status=zero_i(),
-            fallbacks=zero_i(),
-            fit_residual=jnp.zeros((), dtype),
-            active_terms=zero_i(),
-            pod_energy=jnp.zeros((), dtype),
-            accepted=zero_i(),
-            rejected=zero_i(),
-            since_check=zero_i(),
-            reference_loss=jnp.zeros((), dtype),
-            anchor=(
-                jax.tree_util.tree_map(jnp.array, params),
-                base_state,
-            )
-            if checking
-            else None,
-        )
-
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        if params is None:
-            raise ValueError("lgfjax transformations need `params` in `update`.")
-        if checking and value_fn is None:
-            raise ValueError(
-                "`check_every` is set, so `update` needs the extra argument "
-                "`value_fn` (params -> scalar loss), as for `optax.lbfgs`."
-            )
-        dtype = state.coefficients.dtype
-        cs = state.cycle_step
-        last_of_cycle = cs + 1 >= K + state.surrogate_steps
-        unravel = flat_unravel(params) if cfg.rank is None else None
-        zeros = optax.tree.zeros_like(updates)
-
-        def as_updates(tree):
-            return optax.tree.cast_like(tree, updates)
-
-        # The (K + 1, n) buffers never pass through the switch: a branch that returns
-        # an operand unchanged makes XLA copy it, which would cost O(K n) per step.
-        # Recording and the fit run in loops taken once or never (`once_or_never`),
-        # whose carries XLA updates in place.
-        is_true = state.phase == 0
-        is_fit = (state.phase != 0) & (cs == K)
-
-        def write(buffers, leaves, row, when):
-            # Unlike a masked write, this reads nothing when there is nothing to record.
-            def put(b):
-                return jax.tree_util.tree_map(
-                    lambda t, x: t.at[row].set(x.astype(t.dtype)), b, leaves
-                )
-
-            return once_or_never(when, put, buffers)
-
-        trajectory = write(
-            state.trajectory, params, jnp.minimum(cs, K), (is_true & (cs < K)) | is_fit
-        )
-        gradients = state.gradients
-        if record_gradients:
-            gradients = write(gradients, updates, jnp.minimum(cs, K - 1), is_true & (cs < K))
-
-        def do_fit(carry):
-            fit = fit_flow(cfg, trajectory, gradients, dt, dtype)
-            if max_step_ratio is None:
-                bound = jnp.asarray(jnp.inf, dtype)
-            else:
-                bound = max_step_ratio * _last_step_length(trajectory, dtype)
-            return (
-                fit.coefficients.astype(dtype),
-                optax.tree.cast_like(fit.basis, carry[1]),
-                bound.astype(dtype),
-                fit.residual.astype(dtype),
-                fit.active.astype(jnp.int32),
-                fit.energy.astype(dtype),
-                fit.status.astype(jnp.int32),
-            )
-
-        carry = (
-            state.coefficients,
-            state.basis,
-            state.step_bound,
-            state.fit_residual,
-            state.active_terms,
-            state.pod_energy,
-            jnp.asarray(OK, jnp.int32),
-        )
-        coefficients, basis, bound, residual, active, energy, fit_status = once_or_never(
-            is_fit, do_fit, carry
-        )
-        light = state._replace(
-            trajectory=None,
-            gradients=None,
-            basis=None,
-            coefficients=coefficients,
-            step_bound=bound,
-            fit_residual=residual,
-            active_terms=active,
-            pod_energy=energy,
-        )
-
-        def true_branch(updates, state, params):
-            new_updates, base_state = base_update(updates, state.base_state, params, **extra_args)
-            state = state._replace(
-                base_state=base_state,
-                gradient_evaluations=state.gradient_evaluations + 1,
-            )
-            return as_updates(new_updates), state, jnp.asarray(OK, jnp.int32)
-
-        def surrogate_step(state, params, code):
-            origin = None
-            if cfg.center:
-                origin = jax.tree_util.tree_map(lambda b: b[K], trajectory)
-            model = SurrogateModel(
-                PolynomialFlow(state.coefficients, cfg.degree, cfg.include_bias),
-                basis,
-                unravel,
-                origin,
-            )
-            step, base_state, solver_ok = surrogate_fn(model, params, state.base_state, dtype)
-            length = optax.tree.norm(step)
-            code = jnp.where(code != OK, code, jnp.where(solver_ok, OK, SOLVER_FAILED))
-            code = jnp.where((code == OK) & ~jnp.isfinite(length), NONFINITE_STEP, code)
-            code = jnp.where((code == OK) & (length > state.step_bound), STEP_TOO_LARGE, code)
-            ok = code == OK
-            step = optax.tree.where(ok, step, zeros)
-            base_state = optax.tree.where(ok, base_state, state.base_state)
-            if not checking:
-                return (
-                    as_updates(step),
-                    state._replace(
-                        base_state=base_state,
-                        accepted=state.accepted + ok,
-                        rejected=state.rejected + ~ok,
-                    ),
-                    code,
-                )
-
-            since = state.since_check + 1
-            do_check = ok & ((since >= check_every) | last_of_cycle)
-            candidate = optax.tree.add(params, step)
-            loss = jax.lax.cond(
-                do_check,
-                lambda p: jnp.asarray(value_fn(p), dtype),
-                lambda p: state.reference_loss,
-                candidate,
-            )
-            ref = state.reference_loss
-            passed = jnp.isfinite(loss) & (loss <= ref + check_tolerance * jnp.abs(ref))
-            keep = do_check & passed
-            roll_back = ~ok | (do_check & ~passed)
-            anchor_params, anchor_base = state.anchor
-            step = optax.tree.where(roll_back, optax.tree.sub(anchor_params, params), step)
-            base_state = optax.tree.where(roll_back, anchor_base, base_state)
-            code = jnp.where(ok & roll_back, VALUE_REJECTED, code)
-            state = state._replace(
-                base_state=base_state,
-                value_evaluations=state.value_evaluations + do_check,
-                accepted=state.accepted + jnp.where(keep, since, 0),
-                rejected=state.rejected + jnp.where(roll_back, since, 0),
-                since_check=jnp.where(keep | roll_back, 0, since),
-                reference_loss=jnp.where(keep, loss, ref),
-                anchor=optax.tree.where(keep, (candidate, base_state), state.anchor),
-            )
-            return as_updates(step), state, code
-
-        def fit_branch(updates, state, params):
-            if checking:
-                ref = jax.lax.cond(
-                    fit_status == OK,
-                    lambda p: jnp.asarray(value_fn(p), dtype),
-                    lambda p: jnp.asarray(jnp.inf, dtype),
-                    params,
-                )
-                state = state._replace(
-                    value_evaluations=state.value_evaluations + (fit_status == OK),
-                    reference_loss=ref,
-                    anchor=(params, state.base_state),
-                    since_check=jnp.zeros((), jnp.int32),
-                )
-            return surrogate_step(state, params, fit_status)
-
-        def surrogate_branch(updates, state, params):
-            return surrogate_step(state, params, jnp.asarray(OK, jnp.int32))
-
-        branch = jnp.where(state.phase == 0, 0, jnp.where(cs == K, 1, 2))
-        new_updates, new_state, code = jax.lax.switch(
-            branch, (true_branch, fit_branch, surrogate_branch), updates, light, params
-        )
-        new_state = new_state._replace(trajectory=trajectory, gradients=gradients, basis=basis)
-
-        failed = code != OK
-        fell_back = failed | ((state.phase == 0) & (cs >= K))
-        next_cs = jnp.where(last_of_cycle, 0, cs + 1)
-        next_phase = ((next_cs >= K) & ~fell_back).astype(jnp.int32)
-        surrogate_steps = state.surrogate_steps
-        if adaptive:
-            grown = jnp.minimum(2 * surrogate_steps, max_surrogate_steps)
-            shrunk = jnp.maximum(surrogate_steps // 2, 1)
-            surrogate_steps = jnp.where(
-                last_of_cycle, jnp.where(fell_back, shrunk, grown), surrogate_steps
-            )
-        new_state = new_state._replace(
-            count=state.count + 1,
-            cycle_step=next_cs.astype(jnp.int32),
-            phase=next_phase,
-            surrogate_steps=surrogate_steps.astype(jnp.int32),
-            status=jnp.where(failed, code, state.status).astype(jnp.int32),
-            fallbacks=state.fallbacks + failed,
-        )
-        return new_updates, new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def validate_schedule(history_size, retrain_interval, rank, min_history: int, center=False):
@@ -523,6 +212,10 @@ def lgf(
       that counts as agreement, in [0, 1) (0.2: direction within about 11.5 degrees,
       speed within 20%).
     - `dt`: time between recorded iterates, and integration time per surrogate step.
+      For gradient descent, its learning rate. With a decaying schedule in `base`, the
+      learned velocity ``update / dt`` carries the rate of the recent true steps, so
+      surrogate steps move at that rate (it does not decay further within a phase);
+      keep `dt` at the schedule's initial rate.
     - `poly_order`, `include_bias`: the polynomial library.
     - `rank`: POD rank ``1 <= rank <= K``, or None to fit in full parameter space;
       ``"auto"`` (default) is None for the fixed schedule and ``min(n, K // 2)`` for
@@ -569,9 +262,10 @@ def lgf(
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
     `lgfjax.LGFState` (fixed) or a `VerifiedState` (verified).
 
-    With `optax.inject_hyperparams`, list every integer and boolean argument in
-    ``static_args`` (they fix array shapes or the program); `dt`, `threshold`,
-    `alpha`, `max_step_ratio` and `check_tolerance` can be injected.
+    With `optax.inject_hyperparams`, pass ``static_args=lgfjax.static_args(lgfjax.lgf)``
+    (the integer, boolean and choice arguments fix array shapes or the program); `dt`,
+    `threshold`, `alpha`, `max_step_ratio`, `check_tolerance` and `verify_tolerance`
+    can be injected.
 
     ```python
     import jax, jax.numpy as jnp, optax, lgfjax
@@ -596,18 +290,113 @@ def lgf(
     """
     if not isinstance(base, optax.GradientTransformation):
         raise ValueError(f"`base` must be an optax.GradientTransformation, got {base!r}.")
+    check_choice("derivative", derivative, ("strong", "weak"))
+    check_choice("fd_order", fd_order, tuple(FD_ORDERS))
+    lo, hi = FD_ORDERS[fd_order] if derivative == "strong" else (0, 0)
+    schedule, cfg = fit_options(
+        min_history=max(3, lo + hi + 1), **shared_options(fit_options, locals(), "min_history")
+    )
+    surrogate_fn = velocity_surrogate(
+        dt,
+        solver=solver,
+        substeps=substeps,
+        stepsize_controller=stepsize_controller,
+        max_steps=16 * substeps if max_steps is None else max_steps,
+    )
+
+    def velocity(grads, true_update):
+        # What the flow models: the base's step over `dt` at the true iterate.
+        return jax.tree_util.tree_map(lambda u: u / jnp.asarray(dt, u.dtype), true_update)
+
+    return build_engine(
+        base.init,
+        base.update,
+        surrogate_fn,
+        target_fn=velocity,
+        record_gradients=False,
+        # The out-of-basis part of the base's velocity is the step the base itself
+        # would take there; held over a phase it keeps those directions moving.
+        drift=True,
+        **shared_options(build_engine, locals(), "target_fn", "record_gradients"),
+    )
+
+
+def velocity_surrogate(dt, *, solver, substeps, stepsize_controller, max_steps):
+    """The surrogate step of a base with a learned velocity: the flow over `dt`.
+
+    ``surrogate_fn(model, params, base_state, dtype, span=1)`` integrates the learned
+    flow over ``span * dt`` (`span` the int 1, or an int32 array) from `params`, in
+    the model's coordinates, and returns ``(step, base_state, ok)``; the base state
+    is not touched (the base only moves in true steps).
+    """
+
+    def surrogate_fn(model, params, base_state, dtype, span=1):
+        z0 = model.project(params, dtype)
+        z1, ok = integrate_span(
+            model.flow,
+            z0,
+            jnp.asarray(dt, dtype),
+            span,
+            solver=solver,
+            substeps=substeps,
+            stepsize_controller=stepsize_controller,
+            max_steps=max_steps,
+        )
+        step = model.lift(z1 - z0, params)
+        if model.drift is not None:
+            # What the subspace cannot see moves on at the last measured velocity.
+            time = jnp.asarray(span * dt, dtype)
+            step = jax.tree_util.tree_map(
+                lambda s, d: s + (time * d.astype(dtype)).astype(s.dtype), step, model.drift
+            )
+        return step, base_state, ok
+
+    return surrogate_fn
+
+
+def fit_options(
+    *,
+    schedule,
+    history_size,
+    retrain_interval,
+    rank,
+    center,
+    min_history: int,
+    derivative="tracked",
+    fd_order=2,
+    weak_width=None,
+    weak_power=4,
+    poly_order,
+    include_bias,
+    dt,
+    threshold,
+    relative_threshold,
+    alpha,
+    max_iter,
+    normalize_columns,
+    unbias,
+    solver,
+    substeps,
+    max_steps,
+    max_step_ratio,
+    check_every,
+    check_tolerance,
+) -> tuple[str, FitConfig]:
+    """``(schedule, FitConfig)``: the options both front-ends share, checked once.
+
+    `min_history` is the fixed schedule's smallest K (its derivative stencil, or two
+    pairs for a gradient model); ``derivative="tracked"`` marks a front-end whose
+    targets are recorded with each true step (Adam's gradient).
+    """
     schedule, history_size, rank, center = resolve_schedule(
         schedule, history_size, retrain_interval, rank, center
     )
     if relative_threshold is None:
         # The verified schedule keeps fitting as a run converges and steps shrink.
         relative_threshold = schedule == "verified"
-    check_choice("derivative", derivative, ("strong", "weak"))
-    check_choice("fd_order", fd_order, tuple(FD_ORDERS))
     if schedule == "fixed":
-        lo, hi = FD_ORDERS[fd_order] if derivative == "strong" else (0, 0)
-        validate_schedule(history_size, retrain_interval, rank, max(3, lo + hi + 1), center)
-    elif derivative != "strong":
+        validate_schedule(history_size, retrain_interval, rank, min_history, center)
+    elif derivative not in ("strong", "tracked"):
         raise ValueError(
             "`derivative` selects the fixed schedule's finite-difference or weak targets; "
             "the verified schedule models the base's velocity `update / dt` at each true "
@@ -639,7 +428,7 @@ def lgf(
         history_size=history_size,
         degree=poly_order,
         include_bias=include_bias,
-        rank=rank,
+        rank=rank,  # pyright: ignore[reportArgumentType] ("auto": resolved at init)
         center=center,
         derivative="tracked" if schedule == "verified" else derivative,
         fd_order=fd_order,
@@ -652,54 +441,29 @@ def lgf(
         normalize_columns=normalize_columns,
         unbias=unbias,
     )
-    steps_cap = 16 * substeps if max_steps is None else max_steps
+    return schedule, cfg
 
-    def surrogate_fn(model, params, base_state, dtype, span=1):
-        # `span` (the int 1, or an int32 array) steps of `dt` in one surrogate step.
-        z0 = model.project(params, dtype)
-        z1, ok = integrate_span(
-            model.flow,
-            z0,
-            jnp.asarray(dt, dtype),
-            span,
-            solver=solver,
-            substeps=substeps,
-            stepsize_controller=stepsize_controller,
-            max_steps=steps_cap,
-        )
-        return model.lift(z1 - z0, params), base_state, ok
 
-    def velocity(grads, true_update):
-        # What the flow models: the base's step over `dt` at the true iterate.
-        return jax.tree_util.tree_map(lambda u: u / jnp.asarray(dt, u.dtype), true_update)
+def shared_options(fn: Callable, arguments: dict, *given: str) -> dict:
+    """The keyword arguments of `fn` among a front-end's own (its ``locals()``).
 
-    return build_engine(
-        schedule,
-        base.init,
-        base.update,
-        surrogate_fn,
-        target_fn=velocity,
-        record_gradients=False,
-        cfg=cfg,
-        retrain_interval=retrain_interval,
-        dt=dt,
-        verify_tolerance=verify_tolerance,
-        max_step_ratio=max_step_ratio,
-        check_every=check_every,
-        check_tolerance=check_tolerance,
-        adaptive=adaptive,
-        max_surrogate_steps=max_surrogate_steps,
-        max_horizon=max_horizon,
-        buffer_dtype=buffer_dtype,
-    )
+    Both front-ends hand their flat keyword arguments on this way, so that the shared
+    builders (`fit_options`, `build_engine`) are the one place that lists them.
+    `given` names the ones the caller passes itself.
+    """
+    import inspect
+
+    parameters = inspect.signature(fn).parameters.values()
+    names = {p.name for p in parameters if p.kind is p.KEYWORD_ONLY} - set(given)
+    return {k: v for k, v in arguments.items() if k in names}
 
 
 def build_engine(
-    schedule,
     base_init,
     base_update,
     surrogate_fn,
     *,
+    schedule,
     target_fn,
     record_gradients,
     cfg,
@@ -713,6 +477,7 @@ def build_engine(
     max_surrogate_steps,
     max_horizon,
     buffer_dtype,
+    drift=False,
 ):
     """The engine of either schedule for a front-end's base flow (shared by both).
 
@@ -736,18 +501,17 @@ def build_engine(
                 adaptive=adaptive,
                 max_surrogate_steps=max_surrogate_steps,
                 max_horizon=max_horizon,
+                drift=drift,
             ),
             buffer_dtype=buffer_dtype,
         )
+    from ._fixed import FixedConfig, make_transformation
+
     max_surrogate_steps = _check_adaptive(
         adaptive, max_surrogate_steps, retrain_interval - cfg.history_size
     )
-    return make_transformation(
-        base_init=base_init,
-        base_update=base_update,
-        surrogate_fn=surrogate_fn,
-        record_gradients=record_gradients,
-        cfg=cfg,
+    fixed = FixedConfig(
+        fit=cfg,
         retrain_interval=retrain_interval,
         dt=dt,
         max_step_ratio=max_step_ratio,
@@ -755,6 +519,13 @@ def build_engine(
         check_tolerance=check_tolerance,
         adaptive=adaptive,
         max_surrogate_steps=max_surrogate_steps,
+    )
+    return make_transformation(
+        base_init=base_init,
+        base_update=base_update,
+        surrogate_fn=surrogate_fn,
+        record_gradients=record_gradients,
+        cfg=fixed,
         buffer_dtype=buffer_dtype,
     )
 
@@ -810,6 +581,7 @@ def verified_config(
     adaptive,
     max_surrogate_steps,
     max_horizon,
+    drift=False,
 ):
     """Check the verified schedule's own options and build its `VerifiedConfig`."""
     from ._verified import VerifiedConfig
@@ -846,4 +618,5 @@ def verified_config(
         max_length=max_surrogate_steps,
         max_horizon=max_horizon,
         refresh=max(2, K // 2),
+        drift=drift,
     )

@@ -1,7 +1,7 @@
 """Damped Newton as an optax transformation, and Newton directions from a Hessian solve."""
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,9 +61,9 @@ def newton(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformatio
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr: Any = learning_rate(state.count) if callable(learning_rate) else learning_rate
         updates = jax.tree_util.tree_map(lambda d: (-lr * d).astype(jnp.result_type(d)), updates)
-        return updates, NewtonState(count=optax.safe_increment(state.count))
+        return updates, NewtonState(count=jnp.asarray(optax.safe_increment(state.count)))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -153,7 +153,7 @@ class LGFMinimiser(optx.AbstractMinimiser):
         updates, opt_state = self.optim.update(
             grads, state.opt_state, y, value_fn=lambda z: fn(z, args)[0]
         )
-        checks = find_state(opt_state).value_evaluations - lgf_before.value_evaluations
+        checks = find_state(opt_state).info.value_evaluations - lgf_before.info.value_evaluations
         new_y = eqx.apply_updates(y, updates)
         converged = _small_step(self.rtol, self.atol, self.norm, y, updates, f, f - state.f)
         return (
@@ -178,6 +178,6 @@ class LGFMinimiser(optx.AbstractMinimiser):
         stats = {
             "gradient_evaluations": lgf_state.gradient_evaluations,
             "function_evaluations": state.function_evaluations,
-            "fallbacks": lgf_state.fallbacks,
+            "fallbacks": lgf_state.info.fallbacks,
         }
         return y, aux, stats

@@ -10,7 +10,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ._fit import STATUS_MESSAGES
-from ._lgf import LGFState
+from ._fixed import LGFState
 from ._verified import VerifiedState
 
 _STATES = (LGFState, VerifiedState)
@@ -88,8 +88,8 @@ class Diagnostics(NamedTuple):
 def diagnostics(state) -> Diagnostics:
     """Diagnostics of the (possibly nested) LGF state; see `Diagnostics`."""
     s = find_state(state)
+    shared = {f: getattr(s.info, f) for f in Diagnostics._fields if hasattr(s.info, f)}
     if isinstance(s, VerifiedState):
-        shared = {f: getattr(s.info, f) for f in Diagnostics._fields if hasattr(s.info, f)}
         return Diagnostics(
             phase=s.phase,
             steps=s.schedule.count,
@@ -99,18 +99,10 @@ def diagnostics(state) -> Diagnostics:
         )
     return Diagnostics(
         phase=s.phase,
-        steps=s.count,
-        gradient_evaluations=s.gradient_evaluations,
-        value_evaluations=s.value_evaluations,
-        fit_residual=s.fit_residual,
-        active_terms=s.active_terms,
-        pod_energy=s.pod_energy,
-        accepted=s.accepted,
-        rejected=s.rejected,
-        fallbacks=s.fallbacks,
-        status=s.status,
-        surrogate_steps=s.surrogate_steps,
+        steps=s.schedule.count,
+        surrogate_steps=s.schedule.surrogate_steps,
         ungated_gradients=jnp.full((), -1, jnp.int32),
+        **shared,
     )
 
 

@@ -61,10 +61,10 @@ def _primal_solve(x, y, masks, alpha):
     if alpha is None:
         # Unregularised refit: SVD least squares on the masked columns gives the
         # minimum-norm solution, which is exactly zero on the masked-out columns.
-        def one(m, yj):
+        def minnorm(m, yj):
             return m * _lstsq(x * m, yj)
 
-        return _per_target(one, fm, y.T)
+        return _per_target(minnorm, fm, y.T)
     gram = x.T @ x
     rhs = x.T @ y
 
@@ -113,7 +113,7 @@ def _dual_solve(x, y, masks, alpha):
         # The kernel squares the condition number; float32 would lose every singular
         # value below ~1e-3 of the largest. Refit in float64 when it is available,
         # else through a QR of the (P x N) masked library.
-        if not jax.config.jax_enable_x64:
+        if not jax.config.jax_enable_x64:  # pyright: ignore[reportAttributeAccessIssue]
             return _minnorm_qr(x, y, masks)
         w = _dual_solve(x.astype(jnp.float64), y.astype(jnp.float64), masks, None)
         return w.astype(x.dtype)
@@ -125,7 +125,7 @@ def _dual_solve(x, y, masks, alpha):
         # squares the condition number, so two steps of iterative refinement on the
         # residual ``y - X_m X_m^T z`` (formed without squaring) win back the digits
         # a float32 eigendecomposition loses; an SVD per target would cost far more.
-        def one(k, m, yj):
+        def pinv_solve(k, m, yj):
             lam, vec = jnp.linalg.eigh(k)
             cut = 10 * jnp.finfo(x.dtype).eps * n_rows * jnp.max(jnp.abs(lam))
             inv = jnp.where(lam > cut, 1.0 / jnp.where(lam > cut, lam, 1.0), 0.0)
@@ -139,7 +139,7 @@ def _dual_solve(x, y, masks, alpha):
                 z = z + pinv(yj - xm @ (xm.T @ z))
             return z
 
-        z = _per_target(one, kernels, fm, y.T)  # (d, N)
+        z = _per_target(pinv_solve, kernels, fm, y.T)  # (d, N)
         return fm * (z @ x)
 
     def one(k, yj):

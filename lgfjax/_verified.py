@@ -11,10 +11,18 @@ what the base just measured there, and the loss (the `value` extra argument, whi
 - agreement (relative error at most `verify_tolerance`): refit with the new pair and
   resume at once, with the next phase twice as long (up to `max_surrogate_steps`);
 - disagreement: keep the pair, take `refresh` more true steps, refit, and halve the
-  phase length;
+  phase length; with `drift` (see below), a disagreement after a phase that lowered the
+  loss refits at once instead (the phase length still halves);
 - a rise of the loss (or, without `value`, a prediction farther from the truth than
   "no motion at all", relative error > 1): undo the phase, back to where it began,
   then as for disagreement.
+
+With `drift` (`lgf`'s velocity model with a POD rank), a surrogate step also moves
+the iterate along the part of the last measured velocity outside the POD basis, held
+fixed over the phase: the basis spans where the iterates went, not every direction the
+base is still moving in, and without this the surrogate stalls in those directions
+(topology optimisation: 2.6x the base's steps to its target). The flow error stays
+measured in the basis; the loss judges the rest.
 
 The engine (`make_verified`) is one `update` that reads as five module-level steps
 with explicit arguments: `take_step` (the base's true step, or one surrogate step
@@ -61,7 +69,7 @@ from ._fit import (
 from ._flow import PolynomialFlow
 from ._lgf import SurrogateModel, _fit_dtype, _zeros_along, flat_unravel, once_or_never
 from ._library import library_size
-from ._pod import gathered, tree_project
+from ._pod import gathered, tree_lift, tree_project
 
 
 class Schedule(NamedTuple):
@@ -85,6 +93,7 @@ class Model(NamedTuple):
     basis: PyTree[Array] | None  # leaves (r, *shape), or None in full space
     origin: PyTree[Array] | None  # where the phase began (POD coordinates zero)
     step_bound: Float[Array, ""]  # trust region: longest surrogate step accepted
+    drift: PyTree[Array] | None  # last measurement outside the basis (None without `drift`)
 
 
 class Anchor(NamedTuple):
@@ -141,6 +150,7 @@ class VerifiedConfig(NamedTuple):
     max_length: int
     max_horizon: int  # longest surrogate step, in units of `dt` (1: never outrun the base)
     refresh: int
+    drift: bool = False  # hold the measurement's part outside the POD basis over a phase
 
 
 def _i32(x=0):
@@ -150,7 +160,7 @@ def _i32(x=0):
 def _surrogate_model(model: Model, degree, include_bias, params) -> SurrogateModel:
     unravel = flat_unravel(params) if model.basis is None else None
     flow = PolynomialFlow(model.coefficients, degree, include_bias)
-    return SurrogateModel(flow, model.basis, unravel, model.origin)
+    return SurrogateModel(flow, model.basis, unravel, model.origin, model.drift)
 
 
 UNGATED_WARNING = (
@@ -244,16 +254,23 @@ def make_verified(
             undo, optax.tree.cast_like(optax.tree.sub(state.anchor.params, params), step), step
         )
         base_state = optax.tree.where(undo, state.anchor.base_state, base_state)
+        step = retreat(skipped & ~undo, value, state.buffers, params, step)
         disagree = judging & ~agree
+        # With `drift`, a phase that lowered the loss keeps going after a refit at once.
+        resume = jnp.asarray(False)
+        if cfg.drift and value is not None:
+            resume = disagree & ~undo & (jnp.asarray(value, dtype) < state.anchor.loss)
         code = jnp.where(
             skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
         )
         # 3. Record the pair (never a point that is being undone, nor a skipped step).
         buffers = record(state.buffers, is_true & ~undo & ~skipped, params, measured)
         # 4. The schedule; 5. the fit, once or never, where the next step starts.
-        nxt = schedule_step(sch, cfg, code, agree, undo, buffers.filled >= K)
+        nxt = schedule_step(sch, cfg, code, agree, undo, buffers.filled >= K, resume)
         next_params = optax.tree.add(params, step)
-        model, fit_info = fit_model(nxt.want_fit, model, info, buffers, next_params, step, cfg)
+        model, fit_info = fit_model(
+            nxt.want_fit, model, info, buffers, next_params, step, measured, cfg
+        )
         fit_ok = nxt.want_fit & (fit_info.status == OK)
         fit_failed = nxt.want_fit & (fit_info.status != OK)
         code = jnp.where(fit_failed, fit_info.status, code)
@@ -293,7 +310,8 @@ def make_verified(
         return optax.tree.cast_like(step, updates), new_state
 
     jitted_update = jax.jit(lambda u, s, p, v: update(u, s, p, v, {}))
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # (optax types a state as an array tree; our NamedTuples are such trees.)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore
 
 
 def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> VerifiedState:
@@ -329,6 +347,11 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
                 else None
             ),
             step_bound=zero_f(),
+            drift=(
+                jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
+                if cfg.drift and rank is not None
+                else None
+            ),
         ),
         anchor=Anchor(jax.tree_util.tree_map(jnp.array, params), base_state, zero_f() + jnp.inf),
         info=VerifiedInfo(
@@ -420,6 +443,24 @@ def judge(judging, model: Model, params, measured, value, anchor: Anchor, cfg):
     return err, agree, undo
 
 
+def retreat(skipped, value, buf: Buffers, params, step):
+    """`step`, or the way back to the last true iterate if the loss here is not finite.
+
+    A skipped true step (non-finite gradient) leaves the iterate where it is, unless
+    the loss there is not finite too (`value`): the point itself is bad (e.g. a step of
+    the base overshot into a region where the objective is undefined), so the iterate
+    returns to the last recorded true iterate, whose gradient was finite.
+    """
+    if value is None:
+        return step
+    dtype = jnp.result_type(value)
+    rows = jax.tree_util.tree_leaves(buf.points)[0].shape[0]
+    lost = skipped & ~jnp.isfinite(jnp.asarray(value, dtype)) & (buf.filled > 0)
+    last = jax.tree_util.tree_map(lambda b: b[(buf.head - 1) % rows], buf.points)
+    back = optax.tree.cast_like(optax.tree.sub(optax.tree.cast_like(last, params), params), step)
+    return optax.tree.where(lost, back, step)
+
+
 def record(buf: Buffers, when, params, measured) -> Buffers:
     """`buf` with the pair (params, measured) written at its head if `when`.
 
@@ -451,14 +492,15 @@ class NextSchedule(NamedTuple):
     phase_over: Bool[Array, ""]  # a surrogate phase ends with this update
 
 
-def schedule_step(sch: Schedule, cfg, code, agree, undo, full) -> NextSchedule:
+def schedule_step(sch: Schedule, cfg, code, agree, undo, full, resume: Any = False) -> NextSchedule:
     """The pure schedule rule, given this update's outcome (testable on its own).
 
     - a confirmed phase doubles the next one (up to `max_length`); once phases are at
       least 4 K long it also doubles the horizon of each step (up to `max_horizon`);
     - any failure (a guard, a disagreement, an undo, a skipped true step) halves both;
     - after a disagreement, `refresh` fresh true steps (the judging step counts, unless
-      it was undone) come before the refit; after agreement the refit is at once;
+      it was undone) come before the refit; after agreement the refit is at once, and
+      so it is after a disagreement with `resume` (the engine's `drift` rule);
     - a fit needs a full buffer (`full`).
     """
     is_true = sch.phase == 0
@@ -474,7 +516,7 @@ def schedule_step(sch: Schedule, cfg, code, agree, undo, full) -> NextSchedule:
     horizon = jnp.where(failed, jnp.maximum(sch.horizon // 2, 1), horizon)
     # `refresh >= 2`, so no fit follows a disagreement at once.
     todo = jnp.where(disagree, cfg.refresh - (~undo).astype(jnp.int32), sch.todo - 1)
-    want_fit = is_true & full & (agree | (~judging & (todo <= 0)))
+    want_fit = is_true & full & (agree | resume | (~judging & (todo <= 0)))
     return NextSchedule(
         length.astype(jnp.int32),
         horizon.astype(jnp.int32),
@@ -485,19 +527,21 @@ def schedule_step(sch: Schedule, cfg, code, agree, undo, full) -> NextSchedule:
     )
 
 
-def fit_model(when, model: Model, info: VerifiedInfo, buf: Buffers, at, last_step, cfg):
+def fit_model(when, model: Model, info: VerifiedInfo, buf: Buffers, at, last_step, measured, cfg):
     """``(model, info)`` refitted to the buffered pairs if `when` (once or never).
 
     The POD is centred at `at` (where the next surrogate step starts); the trust
-    region is `max_step_ratio` times the last step. ``info.status`` is the fit's
-    status (`OK` when no fit ran); the engine folds it into the step's status.
+    region is `max_step_ratio` times the last step; the drift (if kept) is the part of
+    `measured`, the last true step's measurement, outside the new basis.
+    ``info.status`` is the fit's status (`OK` when no fit ran); the engine folds it into
+    the step's status.
     """
     dtype = model.coefficients.dtype
     rank = None if model.basis is None else jax.tree_util.tree_leaves(model.basis)[0].shape[0]
     fit_cfg = dataclasses.replace(cfg.fit, rank=rank)  # "auto" was resolved at init
 
     def do_fit(carry):
-        (_, basis, origin, _), _ = carry
+        (_, basis, origin, _, drift), _ = carry
         o = None if origin is None else optax.tree.cast_like(at, origin)
         fit = fit_pairs(fit_cfg, buf.points, buf.targets, o, dtype)
         scale = optax.tree.norm(last_step).astype(dtype)
@@ -506,9 +550,11 @@ def fit_model(when, model: Model, info: VerifiedInfo, buf: Buffers, at, last_ste
             if cfg.max_step_ratio is None
             else (cfg.max_step_ratio * scale).astype(dtype)
         )
-        new_model = Model(
-            fit.coefficients.astype(dtype), optax.tree.cast_like(fit.basis, basis), o, bound
-        )
+        new_basis = optax.tree.cast_like(fit.basis, basis)
+        if drift is not None:
+            inside = tree_lift(new_basis, tree_project(new_basis, measured, dtype), drift)
+            drift = optax.tree.sub(optax.tree.cast_like(measured, drift), inside)
+        new_model = Model(fit.coefficients.astype(dtype), new_basis, o, bound, drift)
         return new_model, (
             fit.residual.astype(dtype),
             fit.active.astype(jnp.int32),

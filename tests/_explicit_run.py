@@ -90,7 +90,7 @@ def main():
             "params_spec": {k: str(jax.typeof(v).sharding.spec) for k, v in params.items()},
             "updates_spec": {k: str(jax.typeof(v).sharding.spec) for k, v in updates.items()},
             "trajectory_spec": {
-                k: str(jax.typeof(v).sharding.spec) for k, v in state.trajectory.items()
+                k: str(jax.typeof(v).sharding.spec) for k, v in state.window.trajectory.items()
             },
         }
     print(json.dumps(out))

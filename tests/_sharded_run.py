@@ -108,13 +108,13 @@ def main():
     shardings = {"w": NamedSharding(mesh, P("x", None)), "b": NamedSharding(mesh, P("x"))}
     params = jax.device_put(params0, shardings)
     raw_state = opt.init(params)
-    init_specs = {k: spec(v) for k, v in raw_state.trajectory.items()}
+    init_specs = {k: spec(v) for k, v in raw_state.window.trajectory.items()}
     # init follows the parameters' sharding itself; no manual placement.
     state = raw_state
     in_specs = {
         "params": {k: spec(v) for k, v in params.items()},
-        "trajectory": {k: spec(v) for k, v in state.trajectory.items()},
-        "basis": {k: spec(v) for k, v in state.basis.items()},
+        "trajectory": {k: spec(v) for k, v in state.window.trajectory.items()},
+        "basis": {k: spec(v) for k, v in state.model.basis.items()},
     }
 
     # The compiled update alone, for the collectives LGF itself introduces: one
@@ -145,13 +145,13 @@ def main():
         if i in (3, 8, 12, STEPS - 1):  # true, fit, surrogate, last step
             out_specs["params"].append({k: spec(v) for k, v in params.items()})
             out_specs["updates"].append({k: spec(v) for k, v in updates.items()})
-            out_specs["trajectory"].append({k: spec(v) for k, v in state.trajectory.items()})
-            out_specs["basis"].append({k: spec(v) for k, v in state.basis.items()})
+            out_specs["trajectory"].append({k: spec(v) for k, v in state.window.trajectory.items()})
+            out_specs["basis"].append({k: spec(v) for k, v in state.model.basis.items()})
             kept.append(
                 all(same_sharding(params[k], shardings[k]) for k in params)
                 and all(same_sharding(updates[k], shardings[k]) for k in params)
-                and all(same_sharding(state.trajectory[k], rows[k]) for k in params)
-                and all(same_sharding(state.basis[k], rows[k]) for k in params)
+                and all(same_sharding(state.window.trajectory[k], rows[k]) for k in params)
+                and all(same_sharding(state.model.basis[k], rows[k]) for k in params)
             )
 
     diff = max(float(jnp.max(jnp.abs(params[k] - reference[k]))) for k in params)
@@ -170,7 +170,7 @@ def main():
                 "scale": scale,
                 "gradient_evaluations": int(state.gradient_evaluations),
                 "reference_gradient_evaluations": ref_evals,
-                "fallbacks": int(state.fallbacks),
+                "fallbacks": int(state.info.fallbacks),
                 "all_gathers": gathers,
                 "n_sized_all_gathers": big_gathers,
                 "all_reduces": reductions,

@@ -108,7 +108,7 @@ TOL = {jnp.float64: (1e-13, 1e-15), jnp.float32: (2e-6, 1e-7)}
 
 def _library_condition(s):
     """Condition of the fit's degree-1 library [1, x] over the recorded iterates."""
-    x = np.asarray(s.trajectory).reshape(np.shape(s.trajectory)[0], -1)
+    x = np.asarray(s.window.trajectory).reshape(np.shape(s.window.trajectory)[0], -1)
     return float(np.linalg.cond(np.hstack([np.ones((x.shape[0], 1)), x])))
 
 
@@ -137,7 +137,7 @@ def test_base_reproduces_optax_over_200_steps(dtype, amsgrad):
 def test_gradient_model_full_space_is_the_hessian():
     _, _, kept = _rotated_run()
     s = kept[K8 + 1][1]
-    coef = s.coefficients  # rows: [1, x0, x1, x2, x3]; the target is the gradient
+    coef = s.model.coefficients  # rows: [1, x0, x1, x2, x3]; the target is the gradient
     # The gradient is exactly linear in x, so the least-squares fit recovers H up to
     # rounding amplified by the library's condition (~7e4: early Adam iterates from 0
     # are nearly collinear): error <= kappa eps64 |H| (measured ~1x), 100x margin.
@@ -145,7 +145,7 @@ def test_gradient_model_full_space_is_the_hessian():
     np.testing.assert_allclose(coef[1:], H4, atol=tol)
     np.testing.assert_allclose(coef[0], -H4 @ C4, atol=tol * float(jnp.max(jnp.abs(C4))))
     # The relative residual of an exact fit is rounding: at most kappa eps64, 100x margin.
-    assert float(s.fit_residual) <= 100 * _library_condition(s) * EPS64
+    assert float(s.info.fit_residual) <= 100 * _library_condition(s) * EPS64
 
 
 def test_gradient_model_in_pod_coordinates():
@@ -158,12 +158,14 @@ def test_gradient_model_in_pod_coordinates():
     K = 8
     opt = lgf_adam(0.1, history_size=K, retrain_interval=20, rank=3)
     _, s = _run_lgf(opt, loss, jnp.zeros(6), K + 1)
-    u = s.basis.T  # (n, r)
+    u = s.model.basis.T  # (n, r)
     np.testing.assert_allclose(u.T @ u, jnp.eye(3), atol=1e-10)
     projector = u @ u.T
     np.testing.assert_allclose(projector[:3, :3], jnp.eye(3), atol=1e-10)
-    np.testing.assert_allclose(u @ s.coefficients[1:].T @ u.T, projector @ h @ projector, atol=1e-8)
-    np.testing.assert_allclose(u @ s.coefficients[0], -h @ c, atol=1e-8)
+    np.testing.assert_allclose(
+        u @ s.model.coefficients[1:].T @ u.T, projector @ h @ projector, atol=1e-8
+    )
+    np.testing.assert_allclose(u @ s.model.coefficients[0], -h @ c, atol=1e-8)
 
 
 @functools.cache
@@ -200,7 +202,7 @@ def test_surrogate_phase_solves_the_adam_ode_and_tracks_adam(rank):
     # gives ~2e-6, and the error falls 16x per halving: fourth order).
     opt = lgf_adam(LR, history_size=K8, retrain_interval=M24, rank=rank, substeps=4)
     p, s = _run_lgf(opt, ROT_LOSS, jnp.zeros(4), M24)
-    assert int(lgfjax.diagnostics(s).accepted) == M24 - K8 and int(s.fallbacks) == 0
+    assert int(lgfjax.diagnostics(s).accepted) == M24 - K8 and int(s.info.fallbacks) == 0
     p_k, (a, m, v) = _adam_ode_reference((M24 - K8) * LR)
     # The moments carried into the next true phase are the ODE solution. The tolerances
     # are RK4's truncation error (~1e-8, 5x margin); the fit's rounding error (kappa eps64
@@ -221,7 +223,7 @@ def test_surrogate_phase_solves_the_adam_ode_and_tracks_adam(rank):
 def test_true_steps_after_a_surrogate_phase_continue_adam():
     p2, s2, kept = _rotated_run()
     p, s = kept[M24]
-    assert int(s.gradient_evaluations) == K8 and int(s.accepted) == M24 - K8
+    assert int(s.gradient_evaluations) == K8 and int(s.info.accepted) == M24 - K8
     # Three true Adam steps from the carried (params, m, v, count).
     ref = optax.adam(LR)
     adam_state = (
@@ -271,7 +273,7 @@ def test_evaluation_count_and_skipping():
     # this quadratic's exactly linear gradient is exact to kappa eps64, far from any
     # trust-region or step-ratio bound, so rounding cannot trigger a fallback (--perturb).
     assert len(calls) == cycles * K == int(lgfjax.gradient_evaluations(s))
-    assert int(s.accepted) == cycles * (M - K) and int(s.fallbacks) == 0
+    assert int(s.info.accepted) == cycles * (M - K) and int(s.info.fallbacks) == 0
     values = np.asarray(values).reshape(cycles, M)
     assert np.all(np.isnan(values[:, K:])) and np.all(np.isfinite(values[:, :K]))
     # Each cycle starts lower than the previous one ended: the surrogate phase made
@@ -304,8 +306,8 @@ def test_pytree_exact_true_phase_and_progress(dtype, rank):
         assert leaf.dtype == x0.dtype and leaf.shape == x0.shape
     assert isinstance(s.base_state, AdamState)
     assert all(m.dtype == dtype for m in jax.tree_util.tree_leaves(s.base_state.mu))
-    assert s.coefficients.dtype == dtype
-    assert int(s.fallbacks) == 0 and int(s.gradient_evaluations) == 3 * K
+    assert s.model.coefficients.dtype == dtype
+    assert int(s.info.fallbacks) == 0 and int(s.gradient_evaluations) == 3 * K
     loss0, loss_lgf, loss_ref = (float(prob.loss(x)) for x in (prob.x0, p, p_ref))
     assert loss_lgf < 0.05 * loss0
     # Same number of steps with 40% of the gradients: comparable accuracy.
@@ -320,7 +322,7 @@ def test_amsgrad_surrogate_keeps_running_max():
     p_ref, (s_ref, _) = _run_optax(optax.amsgrad(LR), ROT_LOSS, jnp.zeros(4), K8)
     np.testing.assert_allclose(p_k, p_ref, rtol=1e-13)
     np.testing.assert_allclose(s_k.base_state.nu_max, s_ref.nu_max, rtol=1e-13)
-    assert int(s.accepted) == M24 - K8
+    assert int(s.info.accepted) == M24 - K8
     nu_max = s.base_state.nu_max
     assert np.all(nu_max >= s_k.base_state.nu_max)
     assert np.all(nu_max >= s.base_state.nu / (1 - 0.999**M24) * (1 - 1e-12))
@@ -338,7 +340,7 @@ def test_value_check_rollback_restores_the_moments():
     np.testing.assert_allclose(s.base_state.mu, s_ref.mu, rtol=1e-13)
     assert int(s.base_state.count) == M24 - 1
     assert int(lgfjax.gradient_evaluations(s)) == M24 - 1
-    assert lgfjax.status_message(int(s.status)).startswith("value_fn rejected")
+    assert lgfjax.status_message(int(s.info.status)).startswith("value_fn rejected")
 
 
 @pytest.mark.parametrize(
@@ -361,3 +363,43 @@ def test_argument_checks(kwargs, name):
     args = {"learning_rate": 0.1, "history_size": 10, "retrain_interval": 20, **kwargs}
     with pytest.raises(ValueError, match=f"`{name}`"):
         lgf_adam(**args)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_base_with_a_schedule_reproduces_optax(dtype):
+    # A schedule is evaluated at the steps taken before each one, as in optax.adam; the
+    # rates only shrink from 0.01, so the drift bound of TOL holds as for a constant rate.
+    schedule = optax.cosine_decay_schedule(0.01, 200)
+    x0, loss = _nonquadratic_tree(dtype)
+    init, update = adam_base(schedule, 0.9, 0.999, 1e-8, False)
+    p_ref, _ = _run_optax(optax.adam(schedule), loss, x0, 200)
+    p, _ = _run_optax(optax.GradientTransformation(init, update), loss, x0, 200)
+    _close(p, p_ref, *TOL[dtype])
+
+
+def test_lgf_adam_takes_a_schedule():
+    # The scheduled rate sets each true step and the surrogate's Adam time alike; with
+    # a schedule `dt` follows it, so giving one is an error.
+    schedule = optax.cosine_decay_schedule(0.05, 300)
+    loss = lambda x: jnp.sum(jnp.arange(1.0, 5.0) * (x - 1.0) ** 2)  # noqa: E731
+    opt = lgfjax.lgf_adam(schedule)
+    x = jnp.zeros(4)
+    state = opt.init(x)
+
+    @jax.jit
+    def step(x, state):
+        value, grads = lgfjax.value_and_grad(loss)(x, state)
+        updates, state = opt.update(grads, state, x, value=value)
+        return optax.apply_updates(x, updates), state
+
+    for _ in range(300):
+        x, state = step(x, state)
+    # Adam moves each coordinate by at most the rate per step (its normalised update):
+    # 300 cosine-decayed steps from 0.05 cover up to ~7.5, seven times the unit distance
+    # to the minimum, so a working run ends far below 1e-4 of the start's loss (10); a
+    # stuck or diverging one cannot.
+    assert float(loss(x)) < 1e-4 * 10.0
+    assert int(lgfjax.gradient_evaluations(state)) < 300
+    with pytest.raises(ValueError, match="`dt` must be None"):
+        lgfjax.lgf_adam(schedule, dt=0.1)

@@ -39,21 +39,21 @@ def test_low_precision_buffer_fit_in_float32(kind, buffer_dtype):
     problem = pytree_quadratic(jnp.float32)
     opt = make(kind, buffer_dtype, rank=3)
     state = opt.init(problem.x0)
-    assert dtypes(state.trajectory) == {jnp.dtype(buffer_dtype)}
+    assert dtypes(state.window.trajectory) == {jnp.dtype(buffer_dtype)}
     if kind == "lgf_adam":
-        assert dtypes(state.gradients) == {jnp.dtype(buffer_dtype)}
-    assert state.coefficients.dtype == jnp.float32
-    assert dtypes(state.basis) == {jnp.dtype(jnp.float32)}
+        assert dtypes(state.window.gradients) == {jnp.dtype(buffer_dtype)}
+    assert state.model.coefficients.dtype == jnp.float32
+    assert dtypes(state.model.basis) == {jnp.dtype(jnp.float32)}
 
     params, state, losses = run(opt, problem, STEPS)
     _, ref_state, ref_losses = run(make(kind, None, rank=3), problem, STEPS)
     assert dtypes(params) == {jnp.dtype(jnp.float32)}
-    assert dtypes(state.trajectory) == {jnp.dtype(buffer_dtype)}
-    assert state.coefficients.dtype == jnp.float32
+    assert dtypes(state.window.trajectory) == {jnp.dtype(buffer_dtype)}
+    assert state.model.coefficients.dtype == jnp.float32
     # Float32 buffers: rows rounded to 6e-8 |x|, far below the smallest centred POD mode
     # kept (rank 3), so the reference's fits are exact up to rounding and every cycle
     # runs its 16 surrogate steps: 3 cycles x K = 8 true steps.
-    assert int(ref_state.fallbacks) == 0
+    assert int(ref_state.info.fallbacks) == 0
     assert lgfjax.gradient_evaluations(ref_state) == 24
     # Low-precision buffers: each row is rounded to eps |x| (bfloat16 2^-8, float16
     # 2^-11), and by the last cycle the third centred POD mode moves by about that
@@ -63,9 +63,9 @@ def test_low_precision_buffer_fit_in_float32(kind, buffer_dtype):
     # may cross the trust region near the end of a phase: at most one refused phase
     # (the last cycle's), which costs at most its remaining 16 - 1 true steps.
     evals = int(lgfjax.gradient_evaluations(state))
-    assert int(state.fallbacks) <= 1
-    assert int(state.rejected) == int(state.fallbacks)  # no value checks: one per phase
-    assert 24 <= evals <= 24 + 15 * int(state.fallbacks)
+    assert int(state.info.fallbacks) <= 1
+    assert int(state.info.rejected) == int(state.info.fallbacks)  # no value checks: one per phase
+    assert 24 <= evals <= 24 + 15 * int(state.info.fallbacks)
     # A refused step is not taken, and the true steps that follow converge: the run
     # still gains two orders of magnitude, and stays within a factor 4 of the reference
     # (the 2^-11..2^-8 relative rounding of the origin row costs no more than that).
@@ -80,7 +80,9 @@ def test_bfloat16_full_space_falls_back_but_stays_finite():
     problem = pytree_quadratic(jnp.float32)
     params, state, losses = run(make("lgf", jnp.bfloat16, rank=None), problem, STEPS)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
-    assert int(state.fallbacks) >= 1
-    assert lgfjax.status_message(int(state.status)) == "the surrogate step left the trust region"
+    assert int(state.info.fallbacks) >= 1
+    assert (
+        lgfjax.status_message(int(state.info.status)) == "the surrogate step left the trust region"
+    )
     assert lgfjax.gradient_evaluations(state) < STEPS
     assert losses[-1] < 1e-3 * losses[0]

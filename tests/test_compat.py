@@ -24,7 +24,7 @@ def _fit_tolerance(state, scale):
     relative (kappa: the library's condition), and the surrogate steps by that fraction
     of the distance they cover (< `scale`). Margin 10x; a real mismatch is O(scale).
     """
-    x = np.asarray(lgfjax._state.find_state(state).trajectory)
+    x = np.asarray(lgfjax._state.find_state(state).window.trajectory)
     x = x.reshape(x.shape[0], -1)
     kappa = float(np.linalg.cond(np.hstack([np.ones((x.shape[0], 1)), x])))
     return 10 * kappa * EPS64 * scale
@@ -64,6 +64,33 @@ def test_chain_and_state_lookup(kind):
     # flow contracts, far inside the trust region of 3x the last true step.
     assert int(lgfjax.gradient_evaluations(state)) == 2 * K
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("factory", ["lgf", "lgf_adam"])
+def test_inject_hyperparams_needs_static_args_and_says_so(factory):
+    # optax injects every numeric argument (defaults included) unless told otherwise:
+    # without static_args the error names the argument and the fix.
+    f = getattr(lgfjax, factory)
+    args = (optax.sgd(0.1),) if factory == "lgf" else (0.05,)
+    kwargs = {"dt": 0.1} if factory == "lgf" else {}
+    x = jnp.zeros(3)
+    with pytest.raises(ValueError, match="static_args=lgfjax.static_args"):
+        optax.inject_hyperparams(f)(*args, **kwargs).init(x)
+    opt = optax.inject_hyperparams(f, static_args=lgfjax.static_args(f))(*args, **kwargs)
+    state = opt.init(x)
+    loss = lambda p: jnp.sum((p - 1.0) ** 2)  # noqa: E731
+    step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p))
+    for _ in range(40):
+        updates, state = step(x, state)
+        x = optax.apply_updates(x, updates)
+    assert float(loss(x)) < loss(jnp.zeros(3))  # it trains (3 at the start)
+
+
+def test_numbers_are_checked_at_construction():
+    with pytest.raises(ValueError, match="`dt` must be a real number, got '0.1'"):
+        lgfjax.lgf(optax.sgd(0.1), dt="0.1")
+    with pytest.raises(ValueError, match="`threshold` must be a real number"):
+        lgfjax.lgf_adam(1e-2, threshold=None)
 
 
 @pytest.mark.numerics
@@ -185,7 +212,7 @@ def test_state_survives_randomly_taken_cond(kind):
     for key in jax.random.split(jax.random.PRNGKey(0), 3 * M):
         x, s = step(x, s, key)
     assert bool(jnp.all(jnp.isfinite(x)))
-    assert 0 < int(s.count) < 3 * M
+    assert 0 < int(s.schedule.count) < 3 * M
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -64,7 +64,9 @@ def test_tiny_run(tiny, tmp_path):
     for r in (a, b):
         seen = r["values"][np.isfinite(r["values"])]
         assert np.isfinite(r["final_loss"]) and r["final_loss"] < seen[0] < 0.1
-    assert int(b["state"].fallbacks) == 0 and int(b["state"].accepted) == 3 * (de.M - de.K)
+    assert int(b["state"].info.fallbacks) == 0 and int(b["state"].info.accepted) == 3 * (
+        de.M - de.K
+    )
     assert np.isfinite(tiny["relative_error"]) and tiny["relative_error"] < 0.5
     assert b["to_target"] is not None and a["to_target"] is not None
     text = de.table(tiny)

@@ -54,7 +54,7 @@ def test_cycle_schedule_counts_true_evaluations(K, M, rank):
     expected = 3 * K + min(2, K)
     assert counter[0] == expected
     assert int(lgfjax.gradient_evaluations(state)) == expected
-    assert int(state.fallbacks) == 0
+    assert int(state.info.fallbacks) == 0
     # The schedule itself: K true steps then M - K surrogate steps, every cycle.
     assert phases == ([1] * K + [0] * (M - K)) * 3 + [1, 1]
 
@@ -105,7 +105,7 @@ def test_first_cycle_identical_to_base_and_buffer_records_iterates():
     gd = [problem.x0]
     for _ in range(K):
         gd.append(gd[-1] - problem.lr * jax.grad(problem.loss)(gd[-1]))
-    np.testing.assert_allclose(s.trajectory, np.stack(gd), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(s.window.trajectory, np.stack(gd), rtol=0, atol=1e-15)
 
 
 def _fd_rate(q, lr, fd_order):
@@ -136,7 +136,7 @@ def test_learned_gradient_descent_flow_on_quadratic(fd_order):
     )
     params, state, _ = run(opt, problem, M)
     d = jnp.diag(jax.hessian(problem.loss)(problem.x0))
-    coef = state.coefficients
+    coef = state.model.coefficients
     np.testing.assert_allclose(jnp.diag(coef), _fd_rate(1 - lr * d, lr, fd_order), rtol=1e-6)
     assert np.max(np.abs(coef - np.diag(np.diag(coef)))) < 1e-8
     gd = problem.x0
@@ -169,8 +169,8 @@ def test_forward_difference_recovers_discrete_map_exactly():
     h = jax.hessian(problem.loss)(problem.x0)
     c = h @ (problem.minimum)
     # dz/dt = -H x + H c: linear part -H, bias H c (library: 1, x0, x1, x2).
-    np.testing.assert_allclose(state.coefficients[1:].T, -h, atol=1e-7)
-    np.testing.assert_allclose(state.coefficients[0], c, atol=1e-7)
+    np.testing.assert_allclose(state.model.coefficients[1:].T, -h, atol=1e-7)
+    np.testing.assert_allclose(state.model.coefficients[0], c, atol=1e-7)
 
 
 @pytest.mark.numerics
@@ -187,11 +187,11 @@ def test_reduced_step_equals_full_space_integration_of_projected_field(degree):
         u, s = update(jax.grad(problem.loss)(x), s, x)
         x = optax.apply_updates(x, u)
     u, s = update(jnp.zeros_like(x), s, x)  # fit + first surrogate step
-    assert int(s.status) == 0 and int(s.accepted) == 1
+    assert int(s.info.status) == 0 and int(s.info.accepted) == 1
     x1 = x + u
-    basis = s.basis  # (r, n)
+    basis = s.model.basis  # (r, n)
     np.testing.assert_allclose(basis @ basis.T, np.eye(rank), atol=1e-10)
-    flow = lgfjax.PolynomialFlow(s.coefficients, degree, True)
+    flow = lgfjax.PolynomialFlow(s.model.coefficients, degree, True)
 
     def full_field(t, y, args):
         return basis.T @ flow(t, basis @ y)
@@ -258,8 +258,8 @@ def test_pytree_params_keep_structure_and_dtypes(rank, dtype):
     for p, q in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(problem.x0)):
         assert p.dtype == q.dtype and p.shape == q.shape
         assert bool(jnp.all(jnp.isfinite(p)))
-    assert state.coefficients.dtype == dtype
-    assert int(state.fallbacks) == 0
+    assert state.model.coefficients.dtype == dtype
+    assert int(state.info.fallbacks) == 0
     assert losses[-1] < 1e-3 * float(problem.loss(problem.x0))
 
 
@@ -273,7 +273,7 @@ def test_float32_matches_float64(derivative):
     x64, s64, _ = run(opt, p64, 50)
     p32 = p64._replace(x0=x0_32, loss=lambda x: p64.loss(x.astype(jnp.float64)).astype(jnp.float32))
     x32, s32, _ = run(opt, p32, 50)
-    assert x32.dtype == jnp.float32 and s32.coefficients.dtype == jnp.float32
+    assert x32.dtype == jnp.float32 and s32.model.coefficients.dtype == jnp.float32
     # Float32 rounding (eps 1.2e-7) enters the fit through an ill-conditioned library:
     # one cycle's iterates nearly lie on the slow mode, so the fitted coefficients carry
     # relative errors up to ~kappa eps32 (1e-3..1e-2 here; the weak form's integration
@@ -285,7 +285,7 @@ def test_float32_matches_float64(derivative):
     # Both runs converge the same way: the float32 run is not worse than float64's by
     # more than that tolerance, and rounding did not cost it a surrogate phase.
     assert float(jnp.max(jnp.abs(x32 - p64.minimum))) <= 1.05 * remaining + 100 * 2.0**-23
-    assert int(s32.fallbacks) == int(s64.fallbacks) == 0
+    assert int(s32.info.fallbacks) == int(s64.info.fallbacks) == 0
 
 
 @pytest.mark.numerics
@@ -305,7 +305,7 @@ def test_weak_form_learns_quadratic_flow():
     for _ in range(M):
         gd = gd - lr * jax.grad(problem.loss)(gd)
     assert float(jnp.linalg.norm(params - gd) / jnp.linalg.norm(gd)) < 0.05
-    assert float(state.fit_residual) < 1e-2
+    assert float(state.info.fit_residual) < 1e-2
 
 
 @pytest.mark.numerics
@@ -324,6 +324,6 @@ def test_centred_pod_resolves_small_moves_in_float32():
             optax.sgd(0.1), history_size=10, retrain_interval=30, dt=0.1, rank=3, center=center
         )
         params, state, losses = run(opt, problem, 60)
-        results[center] = (losses[-1], int(state.active_terms))
+        results[center] = (losses[-1], int(state.info.active_terms))
     assert results[True][1] == 12 and results[False][1] < 12
     assert results[True][0] < 1e-3 * results[False][0]

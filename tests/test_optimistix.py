@@ -134,7 +134,7 @@ def test_aux_value_checks_and_termination_on_true_step():
     assert calls == int(sol.stats["function_evaluations"]) > grads
     # The run stopped right after a true step, never inside a surrogate phase.
     lgf_state = lgfjax._state.find_state(sol.state.opt_state)
-    assert int(lgf_state.phase) == 0 or int(lgf_state.cycle_step) <= 6
+    assert int(lgf_state.phase) == 0 or int(lgf_state.schedule.cycle_step) <= 6
     np.testing.assert_allclose(sol.value, problem.minimum, atol=1e-6)
 
 

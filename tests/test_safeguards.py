@@ -32,15 +32,15 @@ def test_constant_trajectory_falls_back_with_empty_model():
     x, s = _advance(opt, problem.loss, x0, opt.init(x0), K + 1)
     # Exact, not rounding: at x = 0 the gradient d * 0 is exactly zero, so every iterate
     # and target is exactly zero and STLSQ's coefficients are exact zeros.
-    assert int(s.status) == _fit.EMPTY_MODEL
+    assert int(s.info.status) == _fit.EMPTY_MODEL
     assert int(s.phase) == 0 and bool(lgfjax.needs_gradient(s))
     np.testing.assert_array_equal(x, x0)
     x, s = _advance(opt, problem.loss, x, s, M - K - 1)
     # K true steps, one refused surrogate step, then true steps to the cycle's end
     # (an exact count: the schedule is fixed and the one guard that fires is certain).
     assert int(lgfjax.gradient_evaluations(s)) == M - 1
-    assert int(s.fallbacks) == 1 and int(s.cycle_step) == 0 and int(s.phase) == 0
-    assert lgfjax.status_message(s.status) == "every library term was thresholded away"
+    assert int(s.info.fallbacks) == 1 and int(s.schedule.cycle_step) == 0 and int(s.phase) == 0
+    assert lgfjax.status_message(s.info.status) == "every library term was thresholded away"
 
 
 def _state_before_fit(rank=None):
@@ -57,12 +57,12 @@ def _state_before_fit(rank=None):
 @pytest.mark.parametrize("poison", [jnp.nan, jnp.inf])
 def test_non_finite_trajectory_is_refused(rank, poison):
     opt, problem, x, s = _state_before_fit(rank)
-    s = s._replace(trajectory=s.trajectory.at[2, 1].set(poison))
+    s = s._replace(window=s.window._replace(trajectory=s.window.trajectory.at[2, 1].set(poison)))
     u, s = jax.jit(opt.update)(jnp.zeros_like(x), s, x)
-    assert int(s.status) == _fit.NONFINITE_TRAJECTORY
+    assert int(s.info.status) == _fit.NONFINITE_TRAJECTORY
     # Exact: a refused step is a zero update by construction.
     np.testing.assert_array_equal(u, jnp.zeros_like(x))
-    assert bool(jnp.all(jnp.isfinite(s.coefficients)))
+    assert bool(jnp.all(jnp.isfinite(s.model.coefficients)))
     assert int(s.phase) == 0
 
 
@@ -77,16 +77,16 @@ def test_exploding_flow_is_refused(scale, expected):
     u, s = update(jnp.zeros_like(x), s, x)  # a good fit and one surrogate step
     # GD on a quadratic has a linear flow, fitted to rounding; its first step (|u| = 0.085)
     # is well inside the trust region (0.31): not a rounding decision.
-    assert int(s.status) == _fit.OK and int(s.phase) == 1
+    assert int(s.info.status) == _fit.OK and int(s.phase) == 1
     x = x + u
     # Replace the learned flow by a violently unstable one.
-    s = s._replace(coefficients=scale * jnp.abs(s.coefficients))
+    s = s._replace(model=s.model._replace(coefficients=scale * jnp.abs(s.model.coefficients)))
     u, s = update(jnp.zeros_like(x), s, x)
     # 1e3x the flow steps ~1e3x further than 3x the last true step allows; 1e200x
     # overflows to inf: margins of orders of magnitude, not ulps.
-    assert int(s.status) == expected
+    assert int(s.info.status) == expected
     np.testing.assert_array_equal(u, jnp.zeros_like(x))
-    assert int(s.rejected) == 1 and int(s.phase) == 0
+    assert int(s.info.rejected) == 1 and int(s.phase) == 0
 
 
 @pytest.mark.numerics
@@ -101,11 +101,11 @@ def test_step_bound_none_disables_trust_region():
         max_step_ratio=None,
     )
     x, s = _advance(opt, problem.loss, problem.x0, opt.init(problem.x0), K + 1)
-    assert float(s.step_bound) == np.inf
-    s = s._replace(coefficients=1e3 * jnp.abs(s.coefficients))
+    assert float(s.model.step_bound) == np.inf
+    s = s._replace(model=s.model._replace(coefficients=1e3 * jnp.abs(s.model.coefficients)))
     u, s = jax.jit(opt.update)(jnp.zeros_like(x), s, x)
     # The amplified flow steps ~1e8 here (the iterates are ~0.4): no rounding margin needed.
-    assert int(s.status) == _fit.OK and float(jnp.linalg.norm(u)) > 1.0
+    assert int(s.info.status) == _fit.OK and float(jnp.linalg.norm(u)) > 1.0
 
 
 @pytest.mark.numerics
@@ -167,10 +167,14 @@ def test_value_check_rollback_restores_anchor():
     # at most half an ulp of |anchor| each, so within eps64 |anchor|, not bitwise.
     tol = np.finfo(np.float64).eps * float(jnp.max(jnp.abs(anchor)))
     np.testing.assert_allclose(x, anchor, rtol=0, atol=tol)
-    assert int(s.status) == _fit.VALUE_REJECTED and int(s.rejected) == 3 and int(s.phase) == 0
+    assert (
+        int(s.info.status) == _fit.VALUE_REJECTED
+        and int(s.info.rejected) == 3
+        and int(s.phase) == 0
+    )
     # Exact by the schedule: check_every = 3 asks for the anchor's value and the checked
     # step's, and the callback fires once per evaluation.
-    assert int(s.value_evaluations) == 2 == len(calls)
+    assert int(s.info.value_evaluations) == 2 == len(calls)
 
 
 @pytest.mark.numerics
@@ -190,7 +194,7 @@ def test_adaptive_schedule_grows_when_flow_is_good():
     # No check can fail: the learned flow is GD's own linear decay on a quadratic, so each
     # surrogate step lowers the loss by a margin (~1e-2 relative per step), far above
     # rounding. With no fallback the lengths are exact: 8 doubles to 16, then the cap 32.
-    assert int(state.surrogate_steps) == 32 and int(state.fallbacks) == 0
+    assert int(state.schedule.surrogate_steps) == 32 and int(state.info.fallbacks) == 0
     # Cycles of 8 + 8, 8 + 16, 8 + 32, 8 + 32, ... : far fewer true steps than fixed
     # (exactly 5 K when no check fails: the fifth cycle starts at step 120).
     assert int(lgfjax.gradient_evaluations(state)) <= 5 * K
@@ -222,12 +226,12 @@ def test_adaptive_schedule_halves_after_fallback_and_doubles_after_success():
         return optax.apply_updates(x, u), s
 
     x, s = problem.x0, opt.init(problem.x0)
-    lengths, fallbacks, seen = [int(s.surrogate_steps)], [0], set()
+    lengths, fallbacks, seen = [int(s.schedule.surrogate_steps)], [0], set()
     for _ in range(600):
         x, s = step(x, s)
-        if int(s.cycle_step) == 0:
-            lengths.append(int(s.surrogate_steps))
-            fallbacks.append(int(s.fallbacks))
+        if int(s.schedule.cycle_step) == 0:
+            lengths.append(int(s.schedule.surrogate_steps))
+            fallbacks.append(int(s.info.fallbacks))
     for i in range(1, len(lengths)):
         old, new = lengths[i - 1], lengths[i]
         if fallbacks[i] > fallbacks[i - 1]:
@@ -289,4 +293,4 @@ def test_random_hyperparameters_never_produce_non_finite_params(
     params, state, _ = run(opt, problem, 2 * (K + extra) + 3)
     # A property no rounding can break: the guards refuse any non-finite step.
     assert bool(jnp.all(jnp.isfinite(params)))
-    assert bool(jnp.all(jnp.isfinite(state.coefficients)))
+    assert bool(jnp.all(jnp.isfinite(state.model.coefficients)))

@@ -103,13 +103,13 @@ def test_converging_run_keeps_its_surrogate_phases(threshold):
     # Absolute: once the iterates are small the fit keeps nothing and cycles fall back.
     # Which cycle empties is set by velocities shrinking x0.13 per cycle against the
     # threshold, not by rounding (the fit's coefficients are exact to ~1e-9 relative).
-    assert int(absolute.status) == EMPTY_MODEL and int(absolute.fallbacks) >= 3
+    assert int(absolute.info.status) == EMPTY_MODEL and int(absolute.info.fallbacks) >= 3
     # Relative: every cycle fits and uses its surrogate phase (10 of 40 steps true).
     # Exact: 10 cycles x 10 true steps, and no guard can fire: the fit keeps the linear
     # terms at every scale, the learned flow is GD's own linear decay, so surrogate steps
     # shrink and stay inside the trust region (3x the last true step), and no value
     # checks are asked for.
-    assert int(relative.fallbacks) == 0
+    assert int(relative.info.fallbacks) == 0
     assert lgfjax.gradient_evaluations(relative) == 100
     # Each fallback turns 29 surrogate steps into true ones: 100 + 29 f > 250 needs f >= 6,
     # measured 6 (threshold 1e-3) and 8; by the argument above f is not a rounding outcome.

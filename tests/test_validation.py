@@ -80,7 +80,7 @@ def test_base_must_be_a_transformation():
 def test_boundary_values_are_accepted(kwargs):
     opt = lgfjax.lgf(optax.sgd(0.1), **kwargs)
     state = opt.init(jnp.ones(3))
-    assert int(state.cycle_step) == 0
+    assert int(state.schedule.cycle_step) == 0
 
 
 def test_value_fn_required_when_checking():

@@ -179,6 +179,25 @@ def test_nonfinite_gradient_never_reaches_the_parameters(kind):
     assert float(good(p)) < 0.1 * float(good(x0))
 
 
+def test_a_step_into_an_undefined_loss_is_taken_back():
+    # The loss and its gradient are NaN for x < 0 (0 * sqrt(x)). Gradient descent at lr
+    # 1.2 on (x - 1)^2 maps x to 2.4 - 1.4 x: from 3 its first step lands at -1.8. That
+    # step came from the base itself, so no guard could refuse it; the next true step
+    # finds the loss undefined, skips, and goes back to the last true iterate. Exact:
+    # the iterate alternates between 3 (recorded as is) and -1.8.
+    def loss(x):
+        return jnp.sum(jnp.where(x >= 0, (x - 1.0) ** 2, 0.0) + 0.0 * jnp.sqrt(x))
+
+    opt = lgfjax.lgf(optax.sgd(1.2), dt=1.2)
+    x0 = jnp.full((1,), 3.0)
+    p, _ = run(opt, loss, x0, 1)
+    assert not bool(jnp.isfinite(loss(p)))  # the base's own step lands where loss is NaN
+    for steps in (2, 6):
+        p, s = run(opt, loss, x0, steps)
+        assert bool(jnp.all(p == x0)) and bool(jnp.isfinite(loss(p)))
+        assert int(s.info.status) == int(lgfjax.Status.NONFINITE_GRADIENT)
+
+
 # The safeguard set at the reduced sizes of tests/test_problem_set.py.
 SAFEGUARD_CASES = list(zip(safeguard_set(), (600, 600, 600, 200, 200)))
 
