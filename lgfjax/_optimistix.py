@@ -150,8 +150,10 @@ class LGFMinimiser(optx.AbstractMinimiser):
             loss=("Loss at the last true step", f),
         )
         lgf_before = find_state(state.opt_state)
+        # `value` lets the verified schedule judge each phase by the loss (it reads it at
+        # true steps only); `value_fn` serves the fixed schedule's checks.
         updates, opt_state = self.optim.update(
-            grads, state.opt_state, y, value_fn=lambda z: fn(z, args)[0]
+            grads, state.opt_state, y, value=f, value_fn=lambda z: fn(z, args)[0]
         )
         checks = find_state(opt_state).info.value_evaluations - lgf_before.info.value_evaluations
         new_y = eqx.apply_updates(y, updates)

@@ -13,7 +13,7 @@ def test_quickstart_runs_and_saves_gradients():
     code = re.search(r"## Quickstart\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
     # Not exact in float32: near the minimum a judgement compares velocities of rounding
     # size, and each disagreement costs K // 2 = 5 true steps; a quarter of the steps is
-    # the claim that matters (the README's 18 is one machine's count).
+    # the claim that matters (the README's 14 is one machine's count).
     check = (
         "\nassert lgfjax.gradient_evaluations(state) <= 50, lgfjax.diagnostics(state)"
         # The flow contracts the loss by exp(-0.2 t) at least; t >= 10 after 200 steps
