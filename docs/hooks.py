@@ -174,8 +174,11 @@ def outputs(names, link):
         listed = ", ".join(f"`examples/outputs/{n}`" for n in missing)
         parts.append(
             f"*The command above saves {listed}; a site built after running it shows "
-            "the plot here (the outputs are not committed).*"
+            "the plot here (the outputs are not committed). Meanwhile, the committed "
+            "report's convergence of every example (this one's panel included):*"
         )
+        if not found:
+            parts.append(f"![convergence]({link('repo/benchmarks/convergence.png')})")
     return "\n\n".join(parts)
 
 
