@@ -15,7 +15,11 @@ what the base just measured there, and the loss (the `value` extra argument, whi
   loss refits at once instead (the phase length still halves);
 - a rise of the loss (or, without `value`, a prediction farther from the truth than
   "no motion at all", relative error > 1): undo the phase, back to where it began,
-  then as for disagreement.
+  then as for disagreement;
+- a true step whose gradient is not finite is skipped; if the loss there is not finite
+  either, the base's previous step overshot into a region where the objective is
+  undefined: the iterate goes back to the last true iterate (`retreat`) and the learned
+  flow takes over from there at once (repeating the base's step would overshoot again).
 
 With `drift` (`lgf`'s velocity model with a POD rank), a surrogate step also moves
 the iterate along the part of the last measured velocity outside the POD basis, held
@@ -254,12 +258,14 @@ def make_verified(
             undo, optax.tree.cast_like(optax.tree.sub(state.anchor.params, params), step), step
         )
         base_state = optax.tree.where(undo, state.anchor.base_state, base_state)
-        step = retreat(skipped & ~undo, value, state.buffers, params, step)
+        step, lost = retreat(skipped & ~undo, value, state.buffers, params, step)
         disagree = judging & ~agree
         # With `drift`, a phase that lowered the loss keeps going after a refit at once.
-        resume = jnp.asarray(False)
+        # After a retreat the learned flow takes over at once (where the base's own step
+        # just overshot into an undefined loss, repeating it would only do so again).
+        resume = lost
         if cfg.drift and value is not None:
-            resume = disagree & ~undo & (jnp.asarray(value, dtype) < state.anchor.loss)
+            resume = resume | (disagree & ~undo & (jnp.asarray(value, dtype) < state.anchor.loss))
         code = jnp.where(
             skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
         )
@@ -278,6 +284,7 @@ def make_verified(
         todo = jnp.where(fit_ok, nxt.length, nxt.todo)
         todo = jnp.where(nxt.phase_over | fit_failed, cfg.refresh, todo)
         loss = jnp.asarray(jnp.inf if value is None else value, dtype)
+        loss = jnp.where(jnp.isfinite(loss), loss, jnp.inf)  # unknown at a retreat
         anchor = optax.tree.where(fit_ok, Anchor(next_params, base_state, loss), state.anchor)
         kept = ~is_true & (code == OK)
         new_state = VerifiedState(
@@ -444,7 +451,7 @@ def judge(judging, model: Model, params, measured, value, anchor: Anchor, cfg):
 
 
 def retreat(skipped, value, buf: Buffers, params, step):
-    """`step`, or the way back to the last true iterate if the loss here is not finite.
+    """``(step, lost)``: the way back to the last true iterate if the loss here is not finite.
 
     A skipped true step (non-finite gradient) leaves the iterate where it is, unless
     the loss there is not finite too (`value`): the point itself is bad (e.g. a step of
@@ -452,13 +459,13 @@ def retreat(skipped, value, buf: Buffers, params, step):
     returns to the last recorded true iterate, whose gradient was finite.
     """
     if value is None:
-        return step
+        return step, jnp.asarray(False)
     dtype = jnp.result_type(value)
     rows = jax.tree_util.tree_leaves(buf.points)[0].shape[0]
     lost = skipped & ~jnp.isfinite(jnp.asarray(value, dtype)) & (buf.filled > 0)
     last = jax.tree_util.tree_map(lambda b: b[(buf.head - 1) % rows], buf.points)
     back = optax.tree.cast_like(optax.tree.sub(optax.tree.cast_like(last, params), params), step)
-    return optax.tree.where(lost, back, step)
+    return optax.tree.where(lost, back, step), lost
 
 
 def record(buf: Buffers, when, params, measured) -> Buffers:
@@ -500,7 +507,8 @@ def schedule_step(sch: Schedule, cfg, code, agree, undo, full, resume: Any = Fal
     - any failure (a guard, a disagreement, an undo, a skipped true step) halves both;
     - after a disagreement, `refresh` fresh true steps (the judging step counts, unless
       it was undone) come before the refit; after agreement the refit is at once, and
-      so it is after a disagreement with `resume` (the engine's `drift` rule);
+      so it is with `resume` (a disagreement under the engine's `drift` rule, or a
+      retreat from an undefined loss);
     - a fit needs a full buffer (`full`).
     """
     is_true = sch.phase == 0
