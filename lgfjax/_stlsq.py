@@ -163,7 +163,7 @@ def stlsq(
     max_iter: int = 20,
     normalize_columns: bool = False,
     unbias: bool = True,
-) -> Float[Array, "P d"]:
+) -> Float[Array, "P d"] | Float[Array, " P"]:
     """Sparse regression ``target ~ theta @ coefficients`` by STLSQ.
 
     The algorithm and its stopping rule are pysindy's ``STLSQ``: start from every
