@@ -39,7 +39,15 @@ from ._fit import (
     fit_flow,
 )
 from ._flow import PolynomialFlow
-from ._lgf import SurrogateModel, _fit_dtype, _zeros_along, flat_unravel, once_or_never
+from ._lgf import (
+    SurrogateModel,
+    _fit_dtype,
+    _i32,
+    _zeros_along,
+    flat_unravel,
+    once_or_never,
+    schedule_reads,
+)
 from ._library import library_size
 
 
@@ -79,6 +87,7 @@ class LGFInfo(NamedTuple):
     status: Int[Array, ""]  # reason of the last fallback (an `lgfjax.Status`)
 
 
+@schedule_reads
 class LGFState(NamedTuple):
     """State of `lgfjax.lgf` / `lgfjax.lgf_adam` with the fixed schedule.
 
@@ -97,15 +106,6 @@ class LGFState(NamedTuple):
     check: ValueCheck
     info: LGFInfo
 
-    # Read alike for both schedules by `needs_gradient` and friends.
-    @property
-    def phase(self):
-        return self.schedule.phase
-
-    @property
-    def gradient_evaluations(self):
-        return self.info.gradient_evaluations
-
 
 class FixedConfig(NamedTuple):
     """Static settings of the fixed schedule (Python values)."""
@@ -118,11 +118,6 @@ class FixedConfig(NamedTuple):
     check_tolerance: float
     adaptive: bool
     max_surrogate_steps: int
-
-
-def _i32(x=0):
-    # One array per counter, so that the state can be donated.
-    return jnp.asarray(x, jnp.int32)
 
 
 def make_transformation(

@@ -76,6 +76,8 @@ def integrate(
     dt0 = (t1 - t0) / substeps
 
     def solve(y0, args, field):
+        if isinstance(stepsize_controller, diffrax.ConstantStepSize) and max_steps >= substeps:
+            return _fixed_steps(field, y0, t0, t1, dt0, args, solver, substeps)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(field),
             solver,
@@ -106,6 +108,40 @@ def integrate(
 
     auto = jax.sharding.auto_axes(solve_converted, out_sharding=out_sharding)
     return auto(y0, args, consts)  # pyright: ignore[reportCallIssue] (typed as one argument)
+
+
+def _fixed_steps(field, y0, t0, t1, dt0, args, solver, substeps: int):
+    """`substeps` steps of `solver` from `t0` to `t1`, as `diffrax.diffeqsolve` takes them
+    with a `diffrax.ConstantStepSize` controller, without its machinery.
+
+    The step times are diffrax's own (``t0 + dt0``, then ``t0 + (t1 - t0) k / substeps``,
+    the last exactly `t1`), so the result is the same to the bit; what is left out
+    (the adaptive loop, its error checks, dense output and saving) is what makes
+    ``diffeqsolve`` several times as expensive to compile as the steps themselves.
+    The solver still reports its own result: `ok` is its success flag.
+    """
+    term = diffrax.ODETerm(field)
+    t0 = jnp.asarray(t0, jnp.result_type(t1))
+    first = t0 + dt0
+
+    def time(k):  # the end of step k (1-based), as diffrax's controller computes it
+        frac = jnp.asarray(k, t1.dtype) / jnp.asarray(substeps, t1.dtype)
+        tk = jnp.where(k == 1, first, t0 + (t1 - t0) * frac)
+        return jnp.where(k == substeps, t1, tk)
+
+    def step(k, carry):
+        y, ok, state, tprev = carry
+        tnext = time(k + 1)
+        y, _, _, state, result = solver.step(term, tprev, tnext, y, args, state, False)
+        return y, ok & (result == diffrax.RESULTS.successful), state, tnext
+
+    state = solver.init(term, t0, time(1), y0, args)
+    carry = (y0, jnp.asarray(True), state, t0)
+    if substeps == 1:
+        carry = step(0, carry)
+    else:
+        carry = jax.lax.fori_loop(0, substeps, step, carry)
+    return carry[0], carry[1]
 
 
 def integrate_span(vector_field, y0, dt, span, *, args=None, shift_args=None, **options):

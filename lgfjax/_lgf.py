@@ -57,6 +57,26 @@ def flat_unravel(params) -> Callable:
     return lambda v: unravel(v.astype(flat.dtype))
 
 
+def _i32(x=0):
+    # One array per counter, so that the state can be donated.
+    return jnp.asarray(x, jnp.int32)
+
+
+def schedule_reads(cls):
+    """Class decorator: the reads both schedules' states answer alike.
+
+    ``state.phase`` (0: the next update is a true step) and
+    ``state.gradient_evaluations``, read by `lgfjax.needs_gradient`,
+    `lgfjax.gradient_evaluations` and users, from the ``schedule`` and ``info``
+    sub-states every lgfjax state has. (A NamedTuple cannot take a mixin.)
+    """
+    cls.phase = property(lambda self: self.schedule.phase, doc="0: the next update is a true step")
+    cls.gradient_evaluations = property(
+        lambda self: self.info.gradient_evaluations, doc="true gradients consumed (int32)"
+    )
+    return cls
+
+
 def once_or_never(when, fn, carry):
     """``fn(carry)`` if `when`, else `carry`, as a while loop taken once or never.
 

@@ -178,7 +178,7 @@ class LGFMinimiser(optx.AbstractMinimiser):
         del fn, args, options, tags, result
         lgf_state = find_state(state.opt_state)
         stats = {
-            "gradient_evaluations": lgf_state.gradient_evaluations,
+            "gradient_evaluations": lgf_state.info.gradient_evaluations,
             "function_evaluations": state.function_evaluations,
             "fallbacks": lgf_state.info.fallbacks,
         }

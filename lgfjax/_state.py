@@ -45,12 +45,12 @@ def needs_gradient(state) -> jax.Array:
 
     In surrogate steps the incoming updates are ignored, so they may be zeros.
     """
-    return find_state(state).phase == 0
+    return find_state(state).schedule.phase == 0
 
 
 def gradient_evaluations(state) -> jax.Array:
     """True gradients consumed so far (int32)."""
-    return find_state(state).gradient_evaluations
+    return find_state(state).info.gradient_evaluations
 
 
 def status_message(code: int) -> str:
@@ -91,14 +91,14 @@ def diagnostics(state) -> Diagnostics:
     shared = {f: getattr(s.info, f) for f in Diagnostics._fields if hasattr(s.info, f)}
     if isinstance(s, VerifiedState):
         return Diagnostics(
-            phase=s.phase,
+            phase=s.schedule.phase,
             steps=s.schedule.count,
             surrogate_steps=s.schedule.length,
             ungated_gradients=s.info.ungated,
             **shared,
         )
     return Diagnostics(
-        phase=s.phase,
+        phase=s.schedule.phase,
         steps=s.schedule.count,
         surrogate_steps=s.schedule.surrogate_steps,
         ungated_gradients=jnp.full((), -1, jnp.int32),

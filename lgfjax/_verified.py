@@ -71,7 +71,15 @@ from ._fit import (
     fit_pairs,
 )
 from ._flow import PolynomialFlow
-from ._lgf import SurrogateModel, _fit_dtype, _zeros_along, flat_unravel, once_or_never
+from ._lgf import (
+    SurrogateModel,
+    _fit_dtype,
+    _i32,
+    _zeros_along,
+    flat_unravel,
+    once_or_never,
+    schedule_reads,
+)
 from ._library import library_size
 from ._pod import gathered, tree_lift, tree_project
 
@@ -124,6 +132,7 @@ class VerifiedInfo(NamedTuple):
     ungated: Int[Array, ""]  # surrogate steps handed a non-zero gradient (wasted work)
 
 
+@schedule_reads
 class VerifiedState(NamedTuple):
     """State of `lgfjax.lgf` / `lgfjax.lgf_adam` with ``schedule="verified"``."""
 
@@ -133,15 +142,6 @@ class VerifiedState(NamedTuple):
     model: Model
     anchor: Anchor
     info: VerifiedInfo
-
-    # Read like the fixed schedule's `LGFState` by `needs_gradient` and friends.
-    @property
-    def phase(self):
-        return self.schedule.phase
-
-    @property
-    def gradient_evaluations(self):
-        return self.info.gradient_evaluations
 
 
 class VerifiedConfig(NamedTuple):
@@ -155,10 +155,6 @@ class VerifiedConfig(NamedTuple):
     max_horizon: int  # longest surrogate step, in units of `dt` (1: never outrun the base)
     refresh: int
     drift: bool = False  # hold the measurement's part outside the POD basis over a phase
-
-
-def _i32(x=0):
-    return jnp.asarray(x, jnp.int32)
 
 
 def _surrogate_model(model: Model, degree, include_bias, params) -> SurrogateModel:

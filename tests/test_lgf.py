@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from problems import pytree_quadratic, quadratic, rotated_quadratic, run
+from problems import perturb, pytree_quadratic, quadratic, rotated_quadratic, run
 
 import lgfjax
 from lgfjax._flow import integrate
@@ -327,3 +327,76 @@ def test_centred_pod_resolves_small_moves_in_float32():
         results[center] = (losses[-1], int(state.info.active_terms))
     assert results[True][1] == 12 and results[False][1] < 12
     assert results[True][0] < 1e-3 * results[False][0]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("substeps", [1, 2, 3, 5])
+@pytest.mark.parametrize("solver", [lgfjax.RK4(), diffrax.Tsit5(), diffrax.Heun()])
+def test_fixed_steps_take_diffeqsolves_steps(dtype, substeps, solver):
+    # With a constant step size `integrate` steps the diffrax solver itself instead of
+    # calling `diffeqsolve` (much cheaper to compile). Same solver, same step times:
+    # one or two steps are the same to the bit. From three on diffrax computes the
+    # step times as t1 * k / n, which XLA may round differently in the two programs
+    # (one ulp of t), so the states agree to a few ulps per step of a contracting,
+    # smooth field (|df/dy| <= 2 here, t1 <= 1): 8 eps per step, relative.
+    rng = np.random.default_rng(0)
+    y0 = jnp.asarray(perturb(rng.normal(size=4)), dtype)
+    t1 = jnp.asarray(perturb(0.37), dtype)
+    c = jnp.asarray(0.2, dtype)
+
+    def field(t, y, args):
+        return -y * (1.0 + 0.3 * jnp.sin(3 * t + args)) + 0.1 * y**2
+
+    @jax.jit
+    def ours(y0, t1):
+        return integrate(
+            field,
+            y0,
+            t1,
+            solver=solver,
+            substeps=substeps,
+            stepsize_controller=diffrax.ConstantStepSize(),
+            max_steps=16,
+            args=c,
+        )
+
+    @jax.jit
+    def reference(y0, t1):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            solver,
+            t0=0.0,
+            t1=t1,
+            dt0=t1 / substeps,
+            y0=y0,
+            args=c,
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=diffrax.ConstantStepSize(),
+            max_steps=16,
+            throw=False,
+        )
+        return sol.ys[0], sol.result == diffrax.RESULTS.successful
+
+    y, ok = ours(y0, t1)
+    y_ref, ok_ref = reference(y0, t1)
+    assert bool(ok) and bool(ok_ref) and y.dtype == y_ref.dtype
+    if substeps <= 2:
+        np.testing.assert_array_equal(y, y_ref)
+    else:
+        eps = float(jnp.finfo(dtype).eps)
+        np.testing.assert_allclose(y, y_ref, rtol=8 * substeps * eps, atol=0)
+
+
+def test_fixed_steps_fail_like_diffeqsolve_when_max_steps_is_too_small():
+    # Fewer allowed steps than substeps: diffrax's own loop runs and reports failure.
+    y, ok = integrate(
+        lambda t, y, a: -y,
+        jnp.ones(2),
+        jnp.asarray(1.0),
+        solver=lgfjax.RK4(),
+        substeps=4,
+        stepsize_controller=diffrax.ConstantStepSize(),
+        max_steps=2,
+    )
+    assert not bool(ok)
