@@ -43,10 +43,11 @@ from ._lgf import (
     SurrogateModel,
     _fit_dtype,
     _i32,
-    _zeros_along,
     flat_unravel,
     once_or_never,
+    rows_like,
     schedule_reads,
+    zero_info,
 )
 from ._library import library_size
 
@@ -205,10 +206,7 @@ def init_state(params, base_state, cfg: FixedConfig, record_gradients, buffer_dt
     P = library_size(r, fit.degree, fit.include_bias)
 
     def buffer(rows, dtype=None):
-        return jax.tree_util.tree_map(
-            lambda p: _zeros_along(p, rows, dtype or buffer_dtype or jnp.result_type(p)),
-            params,
-        )
+        return rows_like(params, rows, dtype or buffer_dtype)
 
     zero_f = lambda: jnp.zeros((), dtype)  # noqa: E731
     checking = cfg.check_every is not None
@@ -224,17 +222,7 @@ def init_state(params, base_state, cfg: FixedConfig, record_gradients, buffer_dt
             zero_f(),
             (jax.tree_util.tree_map(jnp.array, params), base_state) if checking else None,
         ),
-        info=LGFInfo(
-            gradient_evaluations=_i32(),
-            value_evaluations=_i32(),
-            fit_residual=zero_f(),
-            active_terms=_i32(),
-            pod_energy=zero_f(),
-            accepted=_i32(),
-            rejected=_i32(),
-            fallbacks=_i32(),
-            status=_i32(),
-        ),
+        info=zero_info(LGFInfo, dtype),
     )
 
 

@@ -62,6 +62,15 @@ def _i32(x=0):
     return jnp.asarray(x, jnp.int32)
 
 
+def zero_info(cls, dtype):
+    """An ``info`` NamedTuple of zeros: fields annotated ``Float[...]`` in `dtype`, the
+    rest int32 counters, each its own array."""
+    hints = cls.__annotations__
+    return cls(
+        *(jnp.zeros((), dtype) if "Float" in str(hints[name]) else _i32() for name in cls._fields)
+    )
+
+
 def schedule_reads(cls):
     """Class decorator: the reads both schedules' states answer alike.
 
@@ -98,6 +107,14 @@ def _zeros_along(leaf, rows: int, dtype):
         spec = jax.sharding.PartitionSpec(None, *sharding.spec)
         zeros = jax.device_put(zeros, jax.sharding.NamedSharding(sharding.mesh, spec))
     return zeros
+
+
+def rows_like(params, rows: int, dtype=None):
+    """Zeros of shape ``(rows, *leaf.shape)`` per leaf of `params`, sharded like it, in
+    `dtype` (default: each leaf's own): the state's buffers and POD bases."""
+    return jax.tree_util.tree_map(
+        lambda p: _zeros_along(p, rows, dtype or jnp.result_type(p)), params
+    )
 
 
 def _fit_dtype(params):

@@ -75,10 +75,11 @@ from ._lgf import (
     SurrogateModel,
     _fit_dtype,
     _i32,
-    _zeros_along,
     flat_unravel,
     once_or_never,
+    rows_like,
     schedule_reads,
+    zero_info,
 )
 from ._library import library_size
 from ._pod import gathered, tree_lift, tree_project
@@ -329,10 +330,7 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
     P = library_size(r, fit_cfg.degree, fit_cfg.include_bias)
 
     def buffer(rows, leaf_dtype=None):
-        return jax.tree_util.tree_map(
-            lambda p: _zeros_along(p, rows, leaf_dtype or buffer_dtype or jnp.result_type(p)),
-            params,
-        )
+        return rows_like(params, rows, leaf_dtype or buffer_dtype)
 
     zero_f = lambda: jnp.zeros((), dtype)  # noqa: E731
     return VerifiedState(
@@ -357,21 +355,7 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
             ),
         ),
         anchor=Anchor(jax.tree_util.tree_map(jnp.array, params), base_state, zero_f() + jnp.inf),
-        info=VerifiedInfo(
-            gradient_evaluations=_i32(),
-            value_evaluations=_i32(),
-            fit_residual=zero_f(),
-            active_terms=_i32(),
-            pod_energy=zero_f(),
-            accepted=_i32(),
-            rejected=_i32(),
-            fallbacks=_i32(),
-            status=_i32(),
-            verifications=_i32(),
-            verified=_i32(),
-            flow_error=zero_f(),
-            ungated=_i32(),
-        ),
+        info=zero_info(VerifiedInfo, dtype),
     )
 
 
