@@ -15,7 +15,7 @@ engine adds by itself (conditionals, guards, recompiled pieces). Kinds are
 interleaved over `--repeats` rounds and the minimum is reported, so that load on a
 shared machine inflates the numbers as little as possible. Read ratios, not seconds.
 
-    python benchmarks/bench_compile.py [--repeats 2]
+    python benchmarks/bench_compile.py [--repeats 2] [--breakdown]
 """
 
 import argparse
@@ -29,9 +29,8 @@ import optax
 
 import lgfjax
 from lgfjax._fit import fit_pairs
-from lgfjax._flow import RK4, PolynomialFlow, integrate
+from lgfjax._flow import RK4, PolynomialFlow
 from lgfjax._library import library_size
-from lgfjax._pod import tree_lift, tree_project
 
 
 def mlp(seed=0, width=32, depth=2, samples=64):
@@ -90,11 +89,20 @@ def step_for(opt, loss, lgf: bool):
     return step
 
 
-def parts(params, K, rank, degree, dtype):
-    """Standalone fit and surrogate step at the sizes of an LGF step."""
+def parts(params, K, rank, degree, dtype, adam=False):
+    """Standalone fit and surrogate step at the sizes of an LGF step.
+
+    The surrogate part is the front-end's own step (`velocity_surrogate` for `lgf`,
+    the Adam ODE's `adam_surrogate` for `lgf_adam`) on a POD model of the same rank,
+    called as the engine calls it, without the engine around it.
+    """
     import dataclasses
 
+    import diffrax
+
+    from lgfjax._adam import adam_base, adam_surrogate
     from lgfjax._fit import FitConfig
+    from lgfjax._lgf import SurrogateModel, velocity_surrogate
 
     cfg = FitConfig(
         history_size=K,
@@ -122,27 +130,78 @@ def parts(params, K, rank, degree, dtype):
     P = library_size(rank, degree, True)
     basis = jax.tree_util.tree_map(lambda p: jnp.zeros((rank, *p.shape), p.dtype), params)
     coef = jnp.zeros((P, rank), dtype)
+    options = dict(
+        solver=RK4(), substeps=1, stepsize_controller=diffrax.ConstantStepSize(), max_steps=16
+    )
+    if adam:
+        step_fn = adam_surrogate(1e-2, 0.9, 0.999, 1e-8, False, None, **options)
+        base_state = adam_base(1e-2, 0.9, 0.999, 1e-8, False)[0](params)
+    else:
+        step_fn = velocity_surrogate(0.1, **options)
+        base_state = optax.EmptyState()
 
-    def surrogate(coef, basis, p, origin):
-        flow = PolynomialFlow(coef, degree, True)
-        z0 = tree_project(basis, jax.tree_util.tree_map(lambda a, o: a - o, p, origin), dtype)
-        z1, ok = integrate(
-            flow,
-            z0,
-            jnp.asarray(0.1, dtype),
-            solver=RK4(),
-            substeps=1,
-            stepsize_controller=__import__("diffrax").ConstantStepSize(),
-            max_steps=16,
-        )
-        return tree_lift(basis, z1 - z0, p), ok
+    def surrogate(coef, basis, p, origin, base_state):
+        model = SurrogateModel(PolynomialFlow(coef, degree, True), basis, None, origin)
+        step, new_base, ok = step_fn(model, p, base_state, dtype)
+        return step, new_base, ok
 
-    return (fit, (rows, rows, params)), (surrogate, (coef, basis, params, params))
+    return (fit, (rows, rows, params)), (surrogate, (coef, basis, params, params, base_state))
+
+
+def breakdown(params, loss, repeats):
+    """What each step of the verified engine adds to the compile of a default `lgf` step.
+
+    Each row replaces one module-level step of `lgfjax._verified` by a no-op of the same
+    signature (the program is then wrong, but the same shape) and reports the seconds
+    and HLO ops saved against the whole step. The rows do not add up exactly: XLA
+    fuses across steps.
+    """
+    from lgfjax import _verified as V
+
+    def no_judge(judging, model, params, measured, value, anchor, cfg):
+        zero, false = jnp.zeros((), model.coefficients.dtype), jnp.asarray(False)
+        return zero, false, false
+
+    def true_only(updates, state, params, base_update, surrogate_fn, cfg, extra_args):
+        step, base_state = base_update(updates, state.base_state, params)
+        return step, base_state, jnp.asarray(0, jnp.int32), jnp.asarray(False)
+
+    no_ops = {
+        "take_step: surrogate branch": {"take_step": true_only},
+        "judge (free verification)": {"judge": no_judge},
+        "retreat": {"retreat": lambda skipped, value, buf, params, step: (step, False)},
+        "record (ring buffer)": {"record": lambda buf, when, params, measured: buf},
+        "fit_model (fit, once or never)": {"fit_model": lambda w, m, i, *a: (m, i)},
+        "ungated-gradient warning": {"_once_per_run_warning": lambda: lambda flag: None},
+    }
+    originals = {k: getattr(V, k) for patch in no_ops.values() for k in patch}
+    best: dict[str, tuple] = {}
+    for _ in range(repeats):
+        for name, patch in {"whole default step": {}, **no_ops}.items():
+            for key, fn in originals.items():
+                setattr(V, key, fn)
+            for key, fn in patch.items():
+                setattr(V, key, fn)
+            opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1)
+            out = timed_compile(step_for(opt, loss, True), params, opt.init(params))
+            best[name] = min(best.get(name, out), out, key=lambda t: t[0] + t[1])
+    for key, fn in originals.items():
+        setattr(V, key, fn)
+    whole = best.pop("whole default step")
+    print(f"\nbreakdown of the default lgf(sgd) step: {sum(whole[:2]):.2f} s, {whole[2]} HLO ops")
+    print(f"{'without':40s} {'saves [s]':>10s} {'saves ops':>10s}")
+    for name, (lo, co, ops) in best.items():
+        print(f"{name:40s} {sum(whole[:2]) - lo - co:10.2f} {whole[2] - ops:10d}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also: what each step of the verified engine adds to the default step's compile",
+    )
     args = parser.parse_args(argv)
     params, loss = mlp()
     n = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
@@ -162,20 +221,23 @@ def main(argv=None):
         ),
         "lgf_adam default": (lgfjax.lgf_adam(1e-2), True),
     }
-    (fit, fit_args), (sur, sur_args) = parts(params, K, K // 2, 1, dtype)
-    (fit2, fit2_args), (sur2, sur2_args) = parts(params, K, 4, 2, dtype)
+    part_fns = {}
+    for label, rank, degree, adam in (
+        ("rank 5, deg 1", K // 2, 1, False),
+        ("rank 4, deg 2", 4, 2, False),
+        ("rank 5, deg 1, Adam ODE", K // 2, 1, True),
+    ):
+        (fit, fit_args), (sur, sur_args) = parts(params, K, rank, degree, dtype, adam=adam)
+        if not adam:
+            part_fns[f"part: fit ({label})"] = (fit, fit_args)
+        part_fns[f"part: surrogate step ({label})"] = (sur, sur_args)
     best: dict[str, tuple] = {}
     for _ in range(args.repeats):
         for name, (opt, lgf) in kinds.items():
             state = opt.init(params)
             out = timed_compile(step_for(opt, loss, lgf), params, state)
             best[name] = min(best.get(name, out), out, key=lambda t: t[0] + t[1])
-        for name, fn, a in (
-            ("part: fit (rank 5, deg 1)", fit, fit_args),
-            ("part: surrogate step (rank 5, deg 1)", sur, sur_args),
-            ("part: fit (rank 4, deg 2)", fit2, fit2_args),
-            ("part: surrogate step (rank 4, deg 2)", sur2, sur2_args),
-        ):
+        for name, (fn, a) in part_fns.items():
             out = timed_compile(fn, *a)
             best[name] = min(best.get(name, out), out, key=lambda t: t[0] + t[1])
 
@@ -183,9 +245,9 @@ def main(argv=None):
         return best[name][0] + best[name][1]
 
     print(f"tanh MLP, n = {n} weights, float32, K = {K}; best of {args.repeats}, interleaved")
-    print(f"{'step':40s} {'lower [s]':>10s} {'compile [s]':>12s} {'HLO ops':>8s} {'x sgd':>6s}")
+    print(f"{'step':42s} {'lower [s]':>10s} {'compile [s]':>12s} {'HLO ops':>8s} {'x sgd':>6s}")
     for name, (lo, co, ops) in best.items():
-        print(f"{name:40s} {lo:10.2f} {co:12.2f} {ops:8d} {total(name) / total('optax.sgd'):6.1f}")
+        print(f"{name:42s} {lo:10.2f} {co:12.2f} {ops:8d} {total(name) / total('optax.sgd'):6.1f}")
     for lgf_name, base, fit_name, sur_name in (
         (
             "lgf(sgd) default",
@@ -203,7 +265,7 @@ def main(argv=None):
             "lgf_adam default",
             "optax.adam",
             "part: fit (rank 5, deg 1)",
-            "part: surrogate step (rank 5, deg 1)",
+            "part: surrogate step (rank 5, deg 1, Adam ODE)",
         ),
     ):
         parts_sum = total(base) + total(fit_name) + total(sur_name)
@@ -211,6 +273,8 @@ def main(argv=None):
             f"{lgf_name}: {total(lgf_name) / parts_sum:.2f}x the sum of its parts "
             f"({total(lgf_name):.2f} s vs {parts_sum:.2f} s = base + fit + surrogate step)"
         )
+    if args.breakdown:
+        breakdown(params, loss, args.repeats)
 
 
 if __name__ == "__main__":

@@ -442,6 +442,7 @@ def topology_optimization(full: bool) -> dict:
                 total - r.seconds - post,
                 r.seconds,
                 volume=float(r.density.mean()),
+                **({"diagnostics": _lgf_diagnostics(r.state)} if lgf else {}),
             )
         )
     return dict(

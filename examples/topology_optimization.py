@@ -357,6 +357,7 @@ class Run(NamedTuple):
     compliance: np.ndarray  # (steps + 1,) compliance of each iterate (post hoc)
     seconds: float  # optimisation loop only, after compilation
     value_evaluations: int  # value_fn calls by LGF's acceptance check (forward solves)
+    state: object = None  # the optimiser's final state (LGF runs), for lgfjax.diagnostics
 
 
 def history_compliance(problem: Problem):
@@ -407,6 +408,7 @@ def run(problem: Problem, opt, steps: int, name: str, *, learned: bool, evaluate
         np.asarray(values),
         seconds,
         int(lgfjax.diagnostics(state).value_evaluations) if learned else 0,
+        state if learned else None,
     )
 
 
