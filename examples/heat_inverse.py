@@ -385,6 +385,22 @@ def main(argv=None):
         print(f"not reached in {steps} steps by: {', '.join(missing)}")
     total = runs["LGF"].compile_time + runs["LGF"].run_time
     print(f"LGF compile + run: {total:.2f} s")
+    for name, m in misfits.items():
+        if not np.isfinite(m[-1]):
+            # Near the minimum the log-misfit's gradient grows like 1 / misfit, so a
+            # fixed-rate SGD step can overshoot to a2 < 0 (plain SGD never gets close
+            # enough to see it). The update after such a true step finds the loss
+            # undefined and goes back to the last true iterate, halving the next true
+            # step; a run that stops right after the overshoot ends outside the domain.
+            r = runs[name]
+            kind = (
+                "a true SGD step" if r.evaluations[-1] > r.evaluations[-2] else "a surrogate step"
+            )
+            print(
+                f"{name}: the last update was {kind} to a2 < 0 (undefined misfit), which "
+                f"the next update would take back; the point it left, ({r.iterates[-2, 0]:.4f}, "
+                f"{r.iterates[-2, 1]:.4f}), has misfit {m[-2]:.3g}"
+            )
 
     if args.diagnose:
         print("surrogate phase vs true GD from the same start (cycle, |GD move|, rel. error):")

@@ -19,7 +19,9 @@ what the base just measured there, and the loss (the `value` extra argument, whi
 - a true step whose gradient is not finite is skipped; if the loss there is not finite
   either, the base's previous step overshot into a region where the objective is
   undefined: the iterate goes back to the last true iterate (`retreat`) and the learned
-  flow takes over from there at once (repeating the base's step would overshoot again).
+  flow takes over from there at once (repeating the base's step would overshoot again);
+  each retreat also halves the true steps that follow, and each true step that finds
+  the point such a halved step reached well defined doubles them back (`back_off`).
 
 With `drift` (`lgf`'s velocity model with a POD rank), a surrogate step also moves
 the iterate along the part of the last measured velocity outside the POD basis, held
@@ -92,6 +94,8 @@ class Schedule(NamedTuple):
     horizon: Int[Array, ""]  # time of one surrogate step, in units of `dt` (a power of 2)
     verify: Bool[Array, ""]  # the next true step judges the phase that just ended
     count: Int[Array, ""]  # updates applied
+    backoff: Int[Array, ""]  # true steps are scaled by 2**-backoff (after retreats)
+    probing: Bool[Array, ""]  # the last true step was so scaled: the next one tests it
 
 
 class Buffers(NamedTuple):
@@ -251,11 +255,15 @@ def make_verified(
         measured = target_fn(updates, step)
         judging = is_true & sch.verify
         err, agree, undo = judge(judging, model, params, measured, value, state.anchor, cfg)
+        backoff, probing, step = back_off(sch, is_true & ~skipped, step)
+        # An undefined loss sends the iterate back to the last true iterate, which beats
+        # undoing to an anchor that may itself be the undefined point.
+        step, lost = retreat(skipped, value, state.buffers, params, step)
+        undo = undo & ~lost
         step = optax.tree.where(
             undo, optax.tree.cast_like(optax.tree.sub(state.anchor.params, params), step), step
         )
         base_state = optax.tree.where(undo, state.anchor.base_state, base_state)
-        step, lost = retreat(skipped & ~undo, value, state.buffers, params, step)
         disagree = judging & ~agree
         # With `drift`, a phase that lowered the loss keeps going after a refit at once.
         # After a retreat the learned flow takes over at once (where the base's own step
@@ -294,6 +302,10 @@ def make_verified(
                 horizon=nxt.horizon,
                 verify=nxt.phase_over,
                 count=sch.count + 1,
+                backoff=jnp.where(lost, jnp.minimum(backoff + 1, MAX_BACKOFF), backoff).astype(
+                    jnp.int32
+                ),
+                probing=probing & ~lost,
             ),
             base_state=base_state,
             buffers=buffers,
@@ -335,7 +347,14 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
     zero_f = lambda: jnp.zeros((), dtype)  # noqa: E731
     return VerifiedState(
         schedule=Schedule(
-            _i32(0), _i32(K), _i32(cfg.first_length), _i32(1), jnp.asarray(False), _i32()
+            _i32(0),
+            _i32(K),
+            _i32(cfg.first_length),
+            _i32(1),
+            jnp.asarray(False),
+            _i32(),
+            _i32(),
+            jnp.asarray(False),
         ),
         base_state=base_state,
         buffers=Buffers(buffer(K), buffer(K), _i32(), _i32()),
@@ -446,6 +465,31 @@ def retreat(skipped, value, buf: Buffers, params, step):
     last = jax.tree_util.tree_map(lambda b: b[(buf.head - 1) % rows], buf.points)
     back = optax.tree.cast_like(optax.tree.sub(optax.tree.cast_like(last, params), params), step)
     return optax.tree.where(lost, back, step), lost
+
+
+# 2**-20 of the base's step: any longer retreat streak means the point is a dead end.
+MAX_BACKOFF = 20
+
+
+def back_off(sch: Schedule, fine, step):
+    """``(backoff, probing, step)``: the base's step scaled after retreats.
+
+    A retreat (see `retreat`) means the base's own step from the last true iterate
+    landed where the loss is undefined; taken again from there it would land there
+    again. So every retreat halves the true steps that follow (`backoff`), and each
+    true step that finds the point reached after such a scaled step well defined
+    (`fine`: its gradient is finite) doubles them back, up to the base's own step. A
+    backtracking rule on undefined losses only: without a retreat ``backoff`` is 0 and
+    the step is the base's, bitwise (a power-of-two scale is exact).
+    """
+    backoff = jnp.maximum(sch.backoff - (fine & sch.probing), 0)
+    scale = jnp.ldexp(jnp.ones(()), -backoff)
+
+    def scaled(x):
+        return jnp.where(fine, x * scale.astype(x.dtype), x)
+
+    probing = jnp.where(fine, backoff > 0, sch.probing)
+    return backoff, probing, jax.tree_util.tree_map(scaled, step)
 
 
 def record(buf: Buffers, when, params, measured) -> Buffers:

@@ -179,12 +179,14 @@ def test_nonfinite_gradient_never_reaches_the_parameters(kind):
     assert float(good(p)) < 0.1 * float(good(x0))
 
 
-def test_a_step_into_an_undefined_loss_is_taken_back():
+def test_a_step_into_an_undefined_loss_is_taken_back_and_the_next_step_halved():
     # The loss and its gradient are NaN for x < 0 (0 * sqrt(x)). Gradient descent at lr
     # 1.2 on (x - 1)^2 maps x to 2.4 - 1.4 x: from 3 its first step lands at -1.8. That
     # step came from the base itself, so no guard could refuse it; the next true step
-    # finds the loss undefined, skips, and goes back to the last true iterate. Exact:
-    # the iterate alternates between 3 (recorded as is) and -1.8.
+    # finds the loss undefined, skips, and goes back to the last true iterate (3). The
+    # base's step from there would land at -1.8 again, so the next true step is halved.
+    # Exact: 3, the gradient 4 and the halving are exact, and the arithmetic below is
+    # the same IEEE operations as optax.sgd's update and apply_updates.
     def loss(x):
         return jnp.sum(jnp.where(x >= 0, (x - 1.0) ** 2, 0.0) + 0.0 * jnp.sqrt(x))
 
@@ -192,10 +194,16 @@ def test_a_step_into_an_undefined_loss_is_taken_back():
     x0 = jnp.full((1,), 3.0)
     p, _ = run(opt, loss, x0, 1)
     assert not bool(jnp.isfinite(loss(p)))  # the base's own step lands where loss is NaN
-    for steps in (2, 6):
-        p, s = run(opt, loss, x0, steps)
-        assert bool(jnp.all(p == x0)) and bool(jnp.isfinite(loss(p)))
-        assert int(s.info.status) == int(lgfjax.Status.NONFINITE_GRADIENT)
+    p, s = run(opt, loss, x0, 2)
+    assert bool(jnp.all(p == x0)) and int(s.schedule.backoff) == 1
+    assert int(s.info.status) == int(lgfjax.Status.NONFINITE_GRADIENT)
+    p, s = run(opt, loss, x0, 3)
+    half = np.float64(3.0) + 0.5 * (-1.2 * np.float64(4.0))
+    assert float(p[0]) == half and bool(jnp.isfinite(loss(p)))
+    # That point is defined, so the true step taken there is the base's own again.
+    p, s = run(opt, loss, x0, 4)
+    assert int(s.schedule.backoff) == 0
+    assert float(p[0]) == half + (-1.2 * (2 * (half - 1.0)))
 
 
 # The safeguard set at the reduced sizes of tests/test_problem_set.py.
@@ -226,7 +234,10 @@ def _schedule(phase, todo, length, horizon, verify):
     from lgfjax._verified import Schedule
 
     i = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
-    return Schedule(i(phase), i(todo), i(length), i(horizon), jnp.asarray(verify), i(0))
+    false = jnp.asarray(False)
+    return Schedule(
+        i(phase), i(todo), i(length), i(horizon), jnp.asarray(verify), i(0), i(0), false
+    )
 
 
 @pytest.mark.parametrize(
