@@ -98,6 +98,7 @@ class Model(NamedTuple):
     origin: PyTree[Array] | None  # where the phase began (POD coordinates zero)
     step_bound: Float[Array, ""]  # trust region: longest surrogate step accepted
     drift: PyTree[Array] | None  # last measurement outside the basis (None without `drift`)
+    out_basis: PyTree[Array] | None = None  # with `target_basis`: POD basis of the targets
 
 
 class Anchor(NamedTuple):
@@ -155,6 +156,12 @@ class VerifiedConfig(NamedTuple):
     max_horizon: int  # longest surrogate step, in units of `dt` (1: never outrun the base)
     refresh: int
     drift: bool = False  # hold the measurement's part outside the POD basis over a phase
+    # Experimental (opt-in; see the module notes):
+    # the judging true step starts from the anchor's base state: True (all of it), or a
+    # comma-separated list of fields of a NamedTuple base state (e.g. "mu,nu")
+    restore_state: bool | str = False
+    judge_full: bool = False  # flow error relative to the whole measurement, not its projection
+    target_basis: bool = False  # the flow's output in a POD basis of the measurements
 
 
 def _i32(x=0):
@@ -164,7 +171,7 @@ def _i32(x=0):
 def _surrogate_model(model: Model, degree, include_bias, params) -> SurrogateModel:
     unravel = flat_unravel(params) if model.basis is None else None
     flow = PolynomialFlow(model.coefficients, degree, include_bias)
-    return SurrogateModel(flow, model.basis, unravel, model.origin, model.drift)
+    return SurrogateModel(flow, model.basis, unravel, model.origin, model.drift, model.out_basis)
 
 
 UNGATED_WARNING = (
@@ -359,6 +366,7 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
                 if cfg.drift and rank is not None
                 else None
             ),
+            out_basis=buffer(r, dtype) if cfg.target_basis and rank is not None else None,
         ),
         anchor=Anchor(jax.tree_util.tree_map(jnp.array, params), base_state, zero_f() + jnp.inf),
         info=VerifiedInfo(
@@ -417,7 +425,16 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
         ungated = optax.tree.norm(updates) != 0
         return optax.tree.cast_like(step, updates), new_base, code.astype(jnp.int32), ungated
 
-    return jax.lax.cond(sch.phase == 0, true_step, surrogate_step, state.base_state)
+    base_state = state.base_state
+    if cfg.restore_state:
+        # The base's state (Adam's moments) as it was where the phase began: a surrogate
+        # phase moves the iterate only.
+        restored = state.anchor.base_state
+        if isinstance(cfg.restore_state, str):
+            names = cfg.restore_state.split(",")
+            restored = base_state._replace(**{k: getattr(restored, k) for k in names})
+        base_state = optax.tree.where((sch.phase == 0) & sch.verify, restored, base_state)
+    return jax.lax.cond(sch.phase == 0, true_step, surrogate_step, base_state)
 
 
 def judge(judging, model: Model, params, measured, value, anchor: Anchor, cfg):
@@ -437,7 +454,15 @@ def judge(judging, model: Model, params, measured, value, anchor: Anchor, cfg):
         if model.basis is None:
             seen = ravel_pytree(gathered(measured))[0].astype(dtype)
         else:
-            seen = tree_project(model.basis, measured, dtype)
+            seen = tree_project(
+                model.basis if model.out_basis is None else model.out_basis, measured, dtype
+            )
+        if cfg.judge_full and model.basis is not None:
+            # |U p - g| / |g| with U orthonormal: the out-of-basis part counts as error.
+            inside = _relative_error(predicted, seen) * optax.tree.norm(seen)
+            outside2 = jnp.maximum(optax.tree.norm(measured).astype(dtype) ** 2 - optax.tree.norm(seen) ** 2, 0)
+            total = optax.tree.norm(measured).astype(dtype)
+            return (jnp.sqrt(inside**2 + outside2) / jnp.where(total > 0, total, 1.0)).astype(dtype)
         return _relative_error(predicted, seen).astype(dtype)
 
     err = jax.lax.cond(judging, flow_error, lambda _: jnp.zeros((), dtype), None)
@@ -549,9 +574,9 @@ def fit_model(when, model: Model, info: VerifiedInfo, buf: Buffers, at, last_ste
     fit_cfg = dataclasses.replace(cfg.fit, rank=rank)  # "auto" was resolved at init
 
     def do_fit(carry):
-        (_, basis, origin, _, drift), _ = carry
+        (_, basis, origin, _, drift, out_basis), _ = carry
         o = None if origin is None else optax.tree.cast_like(at, origin)
-        fit = fit_pairs(fit_cfg, buf.points, buf.targets, o, dtype)
+        fit = fit_pairs(fit_cfg, buf.points, buf.targets, o, dtype, cfg.target_basis)
         scale = optax.tree.norm(last_step).astype(dtype)
         bound = (
             jnp.asarray(jnp.inf, dtype)
@@ -562,7 +587,9 @@ def fit_model(when, model: Model, info: VerifiedInfo, buf: Buffers, at, last_ste
         if drift is not None:
             inside = tree_lift(new_basis, tree_project(new_basis, measured, dtype), drift)
             drift = optax.tree.sub(optax.tree.cast_like(measured, drift), inside)
-        new_model = Model(fit.coefficients.astype(dtype), new_basis, o, bound, drift)
+        if out_basis is not None:
+            out_basis = optax.tree.cast_like(fit.out_basis, out_basis)
+        new_model = Model(fit.coefficients.astype(dtype), new_basis, o, bound, drift, out_basis)
         return new_model, (
             fit.residual.astype(dtype),
             fit.active.astype(jnp.int32),
