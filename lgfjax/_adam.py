@@ -365,6 +365,10 @@ def lgf_adam(
         restore_state=restore_moments is not False,
         target_basis=gradient_basis is not False,
         judge_full=gradient_basis is not False,
+        # A phase that lowered the loss keeps going after a refit with the judging pair:
+        # the disagreement says the model needs that pair, not that the phase did harm.
+        # (Safe only with restored moments: without, deep energy needs 1.42x Adam's.)
+        resume_on_drop=restore_moments is not False,
     ) if schedule == "verified" else {}
     base_init, base_update = adam_base(learning_rate, b1, b2, eps, amsgrad)
     surrogate_fn = adam_surrogate(

@@ -482,6 +482,7 @@ def build_engine(
     restore_state=False,
     target_basis=False,
     judge_full=False,
+    resume_on_drop=False,
 ):
     """The engine of either schedule for a front-end's base flow (shared by both).
 
@@ -509,6 +510,7 @@ def build_engine(
                 restore_state=restore_state,
                 target_basis=target_basis,
                 judge_full=judge_full,
+                resume_on_drop=resume_on_drop,
             ),
             buffer_dtype=buffer_dtype,
         )
@@ -592,6 +594,7 @@ def verified_config(
     restore_state=False,
     target_basis=False,
     judge_full=False,
+    resume_on_drop=False,
 ):
     """Check the verified schedule's own options and build its `VerifiedConfig`."""
     from ._verified import VerifiedConfig
@@ -632,4 +635,5 @@ def verified_config(
         restore_state=restore_state,
         target_basis=target_basis and fit.rank is not None,
         judge_full=judge_full and fit.rank is not None,
+        resume_on_drop=resume_on_drop,
     )

@@ -162,6 +162,7 @@ class VerifiedConfig(NamedTuple):
     restore_state: bool | str = False
     judge_full: bool = False  # flow error relative to the whole measurement, not its projection
     target_basis: bool = False  # the flow's output in a POD basis of the measurements
+    resume_on_drop: bool = False  # a disagreement after a phase that lowered the loss refits at once
 
 
 def _i32(x=0):
@@ -271,7 +272,7 @@ def make_verified(
         # After a retreat the learned flow takes over at once (where the base's own step
         # just overshot into an undefined loss, repeating it would only do so again).
         resume = lost
-        if cfg.drift and value is not None:
+        if (cfg.drift or cfg.resume_on_drop) and value is not None:
             resume = resume | (disagree & ~undo & (jnp.asarray(value, dtype) < state.anchor.loss))
         code = jnp.where(
             skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
