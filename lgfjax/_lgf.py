@@ -483,6 +483,7 @@ def build_engine(
     target_basis=False,
     judge_full=False,
     resume_on_drop=False,
+    length_from_error=False,
 ):
     """The engine of either schedule for a front-end's base flow (shared by both).
 
@@ -511,6 +512,7 @@ def build_engine(
                 target_basis=target_basis,
                 judge_full=judge_full,
                 resume_on_drop=resume_on_drop,
+                length_from_error=length_from_error,
             ),
             buffer_dtype=buffer_dtype,
         )
@@ -595,6 +597,7 @@ def verified_config(
     target_basis=False,
     judge_full=False,
     resume_on_drop=False,
+    length_from_error=False,
 ):
     """Check the verified schedule's own options and build its `VerifiedConfig`."""
     from ._verified import VerifiedConfig
@@ -636,4 +639,5 @@ def verified_config(
         target_basis=target_basis and fit.rank is not None,
         judge_full=judge_full and fit.rank is not None,
         resume_on_drop=resume_on_drop,
+        length_from_error=length_from_error,
     )

@@ -163,6 +163,9 @@ class VerifiedConfig(NamedTuple):
     judge_full: bool = False  # flow error relative to the whole measurement, not its projection
     target_basis: bool = False  # the flow's output in a POD basis of the measurements
     resume_on_drop: bool = False  # a disagreement after a phase that lowered the loss refits at once
+    # Experimental: the next phase length from the judged error, length * tol / err
+    # (clipped to [length / 2, 2 length]), for judged phases that were not undone.
+    length_from_error: bool = False
 
 
 def _i32(x=0):
@@ -280,7 +283,7 @@ def make_verified(
         # 3. Record the pair (never a point that is being undone, nor a skipped step).
         buffers = record(state.buffers, is_true & ~undo & ~skipped, params, measured)
         # 4. The schedule; 5. the fit, once or never, where the next step starts.
-        nxt = schedule_step(sch, cfg, code, agree, undo, buffers.filled >= K, resume)
+        nxt = schedule_step(sch, cfg, code, agree, undo, buffers.filled >= K, resume, err)
         next_params = optax.tree.add(params, step)
         model, fit_info = fit_model(
             nxt.want_fit, model, info, buffers, next_params, step, measured, cfg
@@ -525,7 +528,9 @@ class NextSchedule(NamedTuple):
     phase_over: Bool[Array, ""]  # a surrogate phase ends with this update
 
 
-def schedule_step(sch: Schedule, cfg, code, agree, undo, full, resume: Any = False) -> NextSchedule:
+def schedule_step(
+    sch: Schedule, cfg, code, agree, undo, full, resume: Any = False, err: Any = None
+) -> NextSchedule:
     """The pure schedule rule, given this update's outcome (testable on its own).
 
     - a confirmed phase doubles the next one (up to `max_length`); once phases are at
@@ -545,6 +550,14 @@ def schedule_step(sch: Schedule, cfg, code, agree, undo, full, resume: Any = Fal
     phase_over = ~is_true & ((sch.todo <= 1) | (code != OK))
     length = jnp.where(agree, jnp.minimum(2 * sch.length, cfg.max_length), sch.length)
     length = jnp.where(failed, jnp.maximum(sch.length // 2, 1), length)
+    if getattr(cfg, "length_from_error", False) and err is not None:
+        # Error grows about linearly with the phase's length: aim the next at the tolerance.
+        e = jnp.maximum(jnp.asarray(err, jnp.float32), 1e-6)
+        factor = jnp.clip(cfg.verify_tolerance / e, 0.5, 2.0)
+        scaled = jnp.floor(sch.length.astype(jnp.float32) * factor).astype(jnp.int32)
+        scaled = jnp.clip(scaled, 1, cfg.max_length)
+        by_error = judging & ~undo & ~skipped & ~(~is_true & (code != OK))
+        length = jnp.where(by_error, scaled, length)
     grow = agree & (sch.length >= jnp.minimum(4 * cfg.first_length, cfg.max_length))
     horizon = jnp.where(grow, jnp.minimum(2 * sch.horizon, cfg.max_horizon), sch.horizon)
     horizon = jnp.where(failed, jnp.maximum(sch.horizon // 2, 1), horizon)
