@@ -361,18 +361,22 @@ def lgf_adam(
                 raise ValueError(
                     f"`{name}` applies to schedule='verified' only, got {name}={value!r}."
                 )
-    verified_options = dict(
-        restore_state=restore_moments is not False,
-        target_basis=gradient_basis is not False,
-        judge_full=gradient_basis is not False,
-        # A phase that lowered the loss keeps going after a refit with the judging pair:
-        # the disagreement says the model needs that pair, not that the phase did harm.
-        # (Safe only with restored moments: without, deep energy needs 1.42x Adam's.)
-        resume_on_drop=restore_moments is not False,
-        # The next phase's length aims the judged error at the tolerance (the error
-        # grows about linearly with the length), instead of doubling or halving.
-        length_from_error=restore_moments is not False,
-    ) if schedule == "verified" else {}
+    verified_options = (
+        dict(
+            restore_state=restore_moments is not False,
+            target_basis=gradient_basis is not False,
+            judge_full=gradient_basis is not False,
+            # A phase that lowered the loss keeps going after a refit with the judging pair:
+            # the disagreement says the model needs that pair, not that the phase did harm.
+            # (Safe only with restored moments: without, deep energy needs 1.42x Adam's.)
+            resume_on_drop=restore_moments is not False,
+            # The next phase's length aims the judged error at the tolerance (the error
+            # grows about linearly with the length), instead of doubling or halving.
+            length_from_error=restore_moments is not False,
+        )
+        if schedule == "verified"
+        else {}
+    )
     base_init, base_update = adam_base(learning_rate, b1, b2, eps, amsgrad)
     surrogate_fn = adam_surrogate(
         learning_rate,
