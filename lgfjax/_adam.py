@@ -77,7 +77,19 @@ def adam_base(learning_rate, b1, b2, eps, amsgrad: bool):
 
 
 def adam_surrogate(
-    learning_rate, b1, b2, eps, amsgrad, dt, *, solver, substeps, stepsize_controller, max_steps
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    amsgrad,
+    dt,
+    *,
+    solver,
+    substeps,
+    stepsize_controller,
+    max_steps,
+    hold_nu=False,
+    discrete=False,
 ):
     """The surrogate step: the Adam ODE in ``(a, m, v)`` over `dt`, learned gradient.
 
@@ -90,7 +102,35 @@ def adam_surrogate(
     moments carry over unchanged into the next true phase. With AMSGrad the running
     max is held fixed within the step (the denominator uses ``max(nu_max, vhat(s))``)
     and updated at its end.
+
+    With `hold_nu` the second moment's source ``g^2`` is replaced by the bias-corrected
+    ``vhat`` itself, ``dv/ds = (1 - b2) / eta (vhat - v)``, which keeps ``vhat`` constant
+    over the step (exactly so for its Euler step): the learned gradient, a model in a
+    few POD directions, then never lowers Adam's per-coordinate scale.
+
+    With `discrete` (experimental) a surrogate step is `span` discrete Adam steps with
+    the learned gradient instead of an ODE solve: the discrete map keeps Adam's own
+    step-size dynamics (it oscillates where the flow would settle into a sharp region).
     """
+
+    if discrete:
+        base_init, base_update = adam_base(learning_rate, b1, b2, eps, amsgrad)
+
+        def discrete_fn(model, params, base_state, dtype, span=1):
+            def body(carry):
+                k, a, st = carry
+                g = model.lift(model.flow(0.0, model.project(a, dtype)), like=a)
+                g = optax.tree.cast_like(g, a)
+                u, st = base_update(g, st)
+                return k + 1, optax.apply_updates(a, u), st
+
+            carry = (jnp.zeros((), jnp.int32), params, base_state)
+            _, a1, st1 = jax.lax.while_loop(lambda c: c[0] < span, body, carry)
+            updates = optax.tree.sub(a1, params)
+            ok = jnp.asarray(True)
+            return updates, st1, ok
+
+        return discrete_fn
 
     def surrogate_fn(model, params, base_state, dtype, span=1):
         # A scheduled rate is held at its value at the step's start over the step (a
@@ -112,7 +152,10 @@ def adam_surrogate(
                 return -(m_ / c1) / (jnp.sqrt(v_hat) + eps)
 
             dm = jax.tree_util.tree_map(lambda g_, m_: (1 - b1) / eta * (g_ - m_), g, m)
-            dv = jax.tree_util.tree_map(lambda g_, v_: (1 - b2) / eta * (g_**2 - v_), g, v)
+            if hold_nu:
+                dv = jax.tree_util.tree_map(lambda v_: (1 - b2) / eta * (v_ / c2 - v_), v)
+            else:
+                dv = jax.tree_util.tree_map(lambda g_, v_: (1 - b2) / eta * (g_**2 - v_), g, v)
             if nu_max is None:
                 dadt = jax.tree_util.tree_map(lambda m_, v_: da(m_, v_, None), m, v)
             else:
@@ -196,6 +239,10 @@ def lgf_adam(
     max_horizon: int = 8,
     buffer_dtype=None,
     amsgrad: bool = False,
+    restore_moments: bool | None = None,
+    gradient_basis: bool | None = None,
+    hold_nu: bool = False,
+    discrete_surrogate: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Learned gradient flow (LGF) with Adam as the base optimiser.
 
@@ -249,6 +296,17 @@ def lgf_adam(
       step of horizon h advances Adam's step count by h).
     - `buffer_dtype`: storage dtype of the iterate and gradient buffers.
     - `amsgrad`: use AMSGrad's running max of ``vhat`` (as `optax.amsgrad`).
+    - `restore_moments`: verified schedule (default True): a surrogate phase moves the
+      parameters only; the true step that judges it starts from the Adam state (moments
+      and step count) of the phase's start. Moments integrated with a learned gradient
+      in a few POD directions steer the later true steps into slower progress (deep
+      energy: 1.23x Adam's gradients to its target without, 1.0x with).
+    - `gradient_basis`: verified schedule with a POD rank (default True): the learned
+      gradient lives in a POD basis of the recorded gradients (its input is still the
+      iterate's POD coordinates), and the judging step measures its error against the
+      whole true gradient, not only its part in a basis.
+    - `hold_nu`, `discrete_surrogate`: experimental, off (hold ``vhat`` over a surrogate
+      step; discrete Adam steps with the learned gradient instead of the ODE solve).
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
     `lgfjax.LGFState`; its ``base_state`` is an `AdamState`.
@@ -296,6 +354,29 @@ def lgf_adam(
     schedule, cfg = fit_options(
         min_history=2, **shared_options(fit_options, locals(), "min_history")
     )
+    for name, value in (("restore_moments", restore_moments), ("gradient_basis", gradient_basis)):
+        if value is not None:
+            check_bool(name, value)
+            if schedule != "verified":
+                raise ValueError(
+                    f"`{name}` applies to schedule='verified' only, got {name}={value!r}."
+                )
+    verified_options = (
+        dict(
+            restore_state=restore_moments is not False,
+            target_basis=gradient_basis is not False,
+            judge_full=gradient_basis is not False,
+            # A phase that lowered the loss keeps going after a refit with the judging pair:
+            # the disagreement says the model needs that pair, not that the phase did harm.
+            # (Safe only with restored moments: without, deep energy needs 1.42x Adam's.)
+            resume_on_drop=restore_moments is not False,
+            # The next phase's length aims the judged error at the tolerance (the error
+            # grows about linearly with the length), instead of doubling or halving.
+            length_from_error=restore_moments is not False,
+        )
+        if schedule == "verified"
+        else {}
+    )
     base_init, base_update = adam_base(learning_rate, b1, b2, eps, amsgrad)
     surrogate_fn = adam_surrogate(
         learning_rate,
@@ -308,6 +389,8 @@ def lgf_adam(
         substeps=substeps,
         stepsize_controller=stepsize_controller,
         max_steps=16 * substeps if max_steps is None else max_steps,
+        hold_nu=hold_nu,
+        discrete=discrete_surrogate,
     )
     return build_engine(
         base_init,
@@ -316,5 +399,6 @@ def lgf_adam(
         # Adam's flow models the gradient itself, which a true step receives.
         target_fn=lambda grads, true_update: grads,
         record_gradients=True,
+        **verified_options,
         **shared_options(build_engine, locals(), "target_fn", "record_gradients"),
     )

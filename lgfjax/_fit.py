@@ -93,6 +93,7 @@ class Fit(NamedTuple):
     residual: Float[Array, ""]
     active: Int[Array, ""]
     status: Int[Array, ""]
+    out_basis: object = None  # with `target_basis`: POD basis of the targets (r, *shape)
 
 
 def _ravel_rows(tree, dtype):
@@ -145,7 +146,7 @@ def fit_flow(cfg: FitConfig, trajectory, gradients, dt, dtype) -> Fit:
     return regress(cfg, features, target, finite_traj, basis, energy, dtype)
 
 
-def fit_pairs(cfg: FitConfig, points, targets, origin, dtype) -> Fit:
+def fit_pairs(cfg: FitConfig, points, targets, origin, dtype, target_basis=False) -> Fit:
     """Fit a model of the targets at recorded points (no contiguous window needed).
 
     `points` and `targets` leaves have shape ``(K, *shape)``: the iterates at which
@@ -167,11 +168,20 @@ def fit_pairs(cfg: FitConfig, points, targets, origin, dtype) -> Fit:
         basis = tree_basis(snapshots, v, s, dtype)
         coords = v * s
         target = tree_project_rows(basis, targets, dtype)
+    out_basis = None
+    if target_basis and cfg.rank is not None:
+        # Experimental: the targets in their own (uncentred) POD basis, so the model's
+        # output is not confined to the directions the iterates moved in.
+        tsnap = jax.tree_util.tree_map(lambda b: b.astype(dtype), targets)
+        vt, st, _ = gram_modes(tree_gram(tsnap, dtype), cfg.rank)
+        out_basis = tree_basis(tsnap, vt, st, dtype)
+        target = vt * st
     finite = jnp.all(jnp.isfinite(coords)) & jnp.all(jnp.isfinite(target))
     coords = jnp.where(finite, coords, 0.0)
     target = jnp.where(finite, target, 0.0)
     features = polynomial_library(coords, cfg.degree, cfg.include_bias)
-    return regress(cfg, features, target, finite, basis, energy, dtype)
+    fit = regress(cfg, features, target, finite, basis, energy, dtype)
+    return fit._replace(out_basis=out_basis)
 
 
 def regress(cfg: FitConfig, features, target, finite_traj, basis, energy, dtype) -> Fit:

@@ -34,6 +34,7 @@ class SurrogateModel(NamedTuple):
     unravel: Callable | None  # full space only: flat vector -> pytree like params
     origin: Any = None  # with `center`: the point the POD coordinates are relative to
     drift: Any = None  # POD only: the measured velocity's part outside the basis, frozen
+    out_basis: Any = None  # POD only (experimental): the basis the flow's output lives in
 
     def project(self, tree, dtype):
         if self.basis is None:
@@ -48,7 +49,7 @@ class SurrogateModel(NamedTuple):
         if self.basis is None:
             assert self.unravel is not None  # full space always carries its unravel
             return placed_like(optax.tree.cast_like(self.unravel(dz), like), like)
-        return tree_lift(self.basis, dz, like)
+        return tree_lift(self.basis if self.out_basis is None else self.out_basis, dz, like)
 
 
 def flat_unravel(params) -> Callable:
@@ -515,6 +516,11 @@ def build_engine(
     max_horizon,
     buffer_dtype,
     drift=False,
+    restore_state=False,
+    target_basis=False,
+    judge_full=False,
+    resume_on_drop=False,
+    length_from_error=False,
 ):
     """The engine of either schedule for a front-end's base flow (shared by both).
 
@@ -539,6 +545,11 @@ def build_engine(
                 max_surrogate_steps=max_surrogate_steps,
                 max_horizon=max_horizon,
                 drift=drift,
+                restore_state=restore_state,
+                target_basis=target_basis,
+                judge_full=judge_full,
+                resume_on_drop=resume_on_drop,
+                length_from_error=length_from_error,
             ),
             buffer_dtype=buffer_dtype,
         )
@@ -619,6 +630,11 @@ def verified_config(
     max_surrogate_steps,
     max_horizon,
     drift=False,
+    restore_state=False,
+    target_basis=False,
+    judge_full=False,
+    resume_on_drop=False,
+    length_from_error=False,
 ):
     """Check the verified schedule's own options and build its `VerifiedConfig`."""
     from ._verified import VerifiedConfig
@@ -656,4 +672,9 @@ def verified_config(
         max_horizon=max_horizon,
         refresh=max(2, K // 2),
         drift=drift,
+        restore_state=restore_state,
+        target_basis=target_basis and fit.rank is not None,
+        judge_full=judge_full and fit.rank is not None,
+        resume_on_drop=resume_on_drop,
+        length_from_error=length_from_error,
     )

@@ -5,6 +5,7 @@ import warnings
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from problems import perturb
@@ -107,8 +108,12 @@ def test_skipped_evaluation_is_nan_and_zeros():
 @pytest.mark.parametrize("kind", ["lgf", "lgf_adam"])
 def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
     # Issue 16: a float32 equinox MLP (1,185 weights) with the defaults reaches, with
-    # its G true gradients, a loss no higher than its base after the same G gradients
-    # (measured margins 3x for sgd, 2.6x for adam: a property, not a printed number).
+    # its G true gradients, a loss no higher than its base after the same G gradients.
+    # Adam at lr 1e-2 is spiky here (its loss jumps 10x within a few steps, and so does
+    # LGF-Adam's, whose true steps are Adam's), so single final values are a coin flip
+    # (over 8 seeds of this test, 3 of 8 passed with the earlier lgf_adam default, 4
+    # of 8 with the current one): the test compares the medians of the last 20 losses
+    # at true steps instead (measured: 0.33x for adam at this seed).
     model = eqx.nn.MLP(2, 1, 32, 2, key=jax.random.PRNGKey(0))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     params = perturb(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params))
@@ -129,9 +134,9 @@ def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
             p, s = c
             v, g = lgfjax.value_and_grad(loss)(p, s)
             u, s = opt.update(g, s, p, value=v)
-            return (optax.apply_updates(p, u), s), None
+            return (optax.apply_updates(p, u), s), v
 
-        return jax.lax.scan(body, (p, opt.init(p)), None, length=600)[0]
+        return jax.lax.scan(body, (p, opt.init(p)), None, length=600)
 
     @jax.jit
     def base_losses(p):
@@ -143,11 +148,15 @@ def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
 
         return jax.lax.scan(body, (p, base.init(p)), None, length=600)[1]
 
-    p, s = run_lgf(params)
+    (p, s), values = run_lgf(params)
     assert {a.dtype for a in jax.tree_util.tree_leaves(p)} == {jnp.dtype(jnp.float32)}
     g = int(lgfjax.gradient_evaluations(s))
     assert g < 600
-    assert float(loss(p)) <= float(base_losses(params)[g - 1])
+    # values[i] is the loss where the i-th update started (NaN in surrogate steps); the
+    # final point, reached with all G gradients, counts too.
+    seen = np.append(np.asarray(values)[np.isfinite(np.asarray(values))], float(loss(p)))
+    base = np.asarray(base_losses(params))  # base[j]: the loss after j + 1 gradients
+    assert np.median(seen[-20:]) <= np.median(base[g - 20 : g])
 
 
 def test_filter_value_and_grad_docstring_example_runs():
