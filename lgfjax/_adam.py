@@ -88,8 +88,6 @@ def adam_surrogate(
     substeps,
     stepsize_controller,
     max_steps,
-    hold_nu=False,
-    discrete=False,
 ):
     """The surrogate step: the Adam ODE in ``(a, m, v)`` over `dt`, learned gradient.
 
@@ -102,35 +100,7 @@ def adam_surrogate(
     moments carry over unchanged into the next true phase. With AMSGrad the running
     max is held fixed within the step (the denominator uses ``max(nu_max, vhat(s))``)
     and updated at its end.
-
-    With `hold_nu` the second moment's source ``g^2`` is replaced by the bias-corrected
-    ``vhat`` itself, ``dv/ds = (1 - b2) / eta (vhat - v)``, which keeps ``vhat`` constant
-    over the step (exactly so for its Euler step): the learned gradient, a model in a
-    few POD directions, then never lowers Adam's per-coordinate scale.
-
-    With `discrete` (experimental) a surrogate step is `span` discrete Adam steps with
-    the learned gradient instead of an ODE solve: the discrete map keeps Adam's own
-    step-size dynamics (it oscillates where the flow would settle into a sharp region).
     """
-
-    if discrete:
-        base_init, base_update = adam_base(learning_rate, b1, b2, eps, amsgrad)
-
-        def discrete_fn(model, params, base_state, dtype, span=1):
-            def body(carry):
-                k, a, st = carry
-                g = model.lift(model.flow(0.0, model.project(a, dtype)), like=a)
-                g = optax.tree.cast_like(g, a)
-                u, st = base_update(g, st)
-                return k + 1, optax.apply_updates(a, u), st
-
-            carry = (jnp.zeros((), jnp.int32), params, base_state)
-            _, a1, st1 = jax.lax.while_loop(lambda c: c[0] < span, body, carry)
-            updates = optax.tree.sub(a1, params)
-            ok = jnp.asarray(True)
-            return updates, st1, ok
-
-        return discrete_fn
 
     def surrogate_fn(model, params, base_state, dtype, span=1):
         # A scheduled rate is held at its value at the step's start over the step (a
@@ -152,10 +122,7 @@ def adam_surrogate(
                 return -(m_ / c1) / (jnp.sqrt(v_hat) + eps)
 
             dm = jax.tree_util.tree_map(lambda g_, m_: (1 - b1) / eta * (g_ - m_), g, m)
-            if hold_nu:
-                dv = jax.tree_util.tree_map(lambda v_: (1 - b2) / eta * (v_ / c2 - v_), v)
-            else:
-                dv = jax.tree_util.tree_map(lambda g_, v_: (1 - b2) / eta * (g_**2 - v_), g, v)
+            dv = jax.tree_util.tree_map(lambda g_, v_: (1 - b2) / eta * (g_**2 - v_), g, v)
             if nu_max is None:
                 dadt = jax.tree_util.tree_map(lambda m_, v_: da(m_, v_, None), m, v)
             else:
@@ -241,8 +208,6 @@ def lgf_adam(
     amsgrad: bool = False,
     restore_moments: bool | None = None,
     gradient_basis: bool | None = None,
-    hold_nu: bool = False,
-    discrete_surrogate: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Learned gradient flow (LGF) with Adam as the base optimiser.
 
@@ -305,8 +270,6 @@ def lgf_adam(
       gradient lives in a POD basis of the recorded gradients (its input is still the
       iterate's POD coordinates), and the judging step measures its error against the
       whole true gradient, not only its part in a basis.
-    - `hold_nu`, `discrete_surrogate`: experimental, off (hold ``vhat`` over a surrogate
-      step; discrete Adam steps with the learned gradient instead of the ODE solve).
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
     `lgfjax.LGFState`; its ``base_state`` is an `AdamState`.
@@ -389,8 +352,6 @@ def lgf_adam(
         substeps=substeps,
         stepsize_controller=stepsize_controller,
         max_steps=16 * substeps if max_steps is None else max_steps,
-        hold_nu=hold_nu,
-        discrete=discrete_surrogate,
     )
     return build_engine(
         base_init,

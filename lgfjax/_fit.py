@@ -170,7 +170,7 @@ def fit_pairs(cfg: FitConfig, points, targets, origin, dtype, target_basis=False
         target = tree_project_rows(basis, targets, dtype)
     out_basis = None
     if target_basis and cfg.rank is not None:
-        # Experimental: the targets in their own (uncentred) POD basis, so the model's
+        # `target_basis`: the targets in their own (uncentred) POD basis, so the model's
         # output is not confined to the directions the iterates moved in.
         tsnap = jax.tree_util.tree_map(lambda b: b.astype(dtype), targets)
         vt, st, _ = gram_modes(tree_gram(tsnap, dtype), cfg.rank)

@@ -34,7 +34,7 @@ class SurrogateModel(NamedTuple):
     unravel: Callable | None  # full space only: flat vector -> pytree like params
     origin: Any = None  # with `center`: the point the POD coordinates are relative to
     drift: Any = None  # POD only: the measured velocity's part outside the basis, frozen
-    out_basis: Any = None  # POD only (experimental): the basis the flow's output lives in
+    out_basis: Any = None  # POD only, optional: the basis the flow's output lives in
 
     def project(self, tree, dtype):
         if self.basis is None:

@@ -181,15 +181,13 @@ class VerifiedConfig(NamedTuple):
     max_horizon: int  # longest surrogate step, in units of `dt` (1: never outrun the base)
     refresh: int
     drift: bool = False  # hold the measurement's part outside the POD basis over a phase
-    # Experimental (opt-in; see the module notes):
-    # the judging true step starts from the anchor's base state: True (all of it), or a
-    # comma-separated list of fields of a NamedTuple base state (e.g. "mu,nu")
-    restore_state: bool | str = False
+    # Options `lgf_adam` turns on (see the module notes):
+    restore_state: bool = False  # the judging true step starts from the anchor's base state
     judge_full: bool = False  # flow error against the whole measurement, not its projection
     target_basis: bool = False  # the flow's output in a POD basis of the measurements
     resume_on_drop: bool = False  # a disagreement after a loss drop refits and resumes at once
-    # Experimental: the next phase length from the judged error, length * tol / err
-    # (clipped to [length / 2, 2 length]), for judged phases that were not undone.
+    # the next phase length from the judged error, length * tol / err (clipped to
+    # [length / 2, 2 length]), for judged phases that were not undone
     length_from_error: bool = False
 
 
@@ -452,11 +450,8 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
     if cfg.restore_state:
         # The base's state (Adam's moments) as it was where the phase began: a surrogate
         # phase moves the iterate only.
-        restored = state.anchor.base_state
-        if isinstance(cfg.restore_state, str):
-            names = cfg.restore_state.split(",")
-            restored = base_state._replace(**{k: getattr(restored, k) for k in names})
-        base_state = optax.tree.where((sch.phase == 0) & sch.verify, restored, base_state)
+        judging = (sch.phase == 0) & sch.verify
+        base_state = optax.tree.where(judging, state.anchor.base_state, base_state)
     return jax.lax.cond(sch.phase == 0, true_step, surrogate_step, base_state)
 
 
