@@ -32,6 +32,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -667,6 +668,11 @@ def _note_default(r: dict, base: dict, goal: float) -> str:
         )
     if d.get("fallbacks"):
         parts.append(f"fallbacks: {d['fallbacks']} (last: {d['last_status']})")
+    if not math.isfinite(r["final_objective"]):
+        parts.append(
+            "the final iterate is where the objective is undefined: the last update "
+            "jumped there and the next true step would take it back (docs: FAQ)"
+        )
     return "; ".join(parts)
 
 
