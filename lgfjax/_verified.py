@@ -177,8 +177,10 @@ class VerifiedConfig(NamedTuple):
     refresh: int
     drift: bool = False  # hold the measurement's part outside the POD basis over a phase
     # Experimental (opt-in; see the module notes):
-    # the judging true step starts from the anchor's base state: True (all of it), or a
-    # comma-separated list of fields of a NamedTuple base state (e.g. "mu,nu")
+    # the judging true step starts from the anchor's base state: True (all of it),
+    # "disagreement" (only after a phase judged wrong), "fn" (the front-end's
+    # `restore_fn` decides), or a comma-separated list of fields of a NamedTuple base
+    # state (e.g. "mu,nu")
     restore_state: bool | str = False
     judge_full: bool = False  # flow error against the whole measurement, not its projection
     target_basis: bool = False  # the flow's output in a POD basis of the measurements
@@ -246,8 +248,13 @@ def make_verified(
     target_fn: Callable,
     cfg: VerifiedConfig,
     buffer_dtype,
+    restore_fn: Callable | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The verified-schedule engine shared by `lgf` and `lgf_adam`.
+
+    `restore_fn(anchor_state, state, grads)` (with ``restore_state="fn"``) is the
+    base state the judging true step starts from, given the state where the phase began,
+    the state the surrogate phase left and the true gradient at the phase's end.
 
     `target_fn(grads, true_update)` is what a true step measured (the quantity the flow
     models); `surrogate_fn(model, params, base_state, dtype)` is one surrogate step.
@@ -277,7 +284,7 @@ def make_verified(
 
         # 1. The step: the base's true step (skipped if not finite), or the learned flow.
         step, base_state, code, ungated = take_step(
-            updates, state, params, base_update, surrogate_fn, cfg, extra_args
+            updates, state, params, base_update, surrogate_fn, cfg, extra_args, restore_fn
         )
         skipped = is_true & (code == NONFINITE_GRADIENT)
         warn_ungated(ungated)
@@ -285,6 +292,18 @@ def make_verified(
         measured = target_fn(updates, step)
         judging = is_true & sch.verify
         err, agree, undo = judge(judging, model, params, measured, value, state.anchor, cfg)
+        if cfg.restore_state == "disagreement":
+            # A phase judged wrong hands the base's true step the state of its start (a
+            # confirmed phase keeps the state its flow integrated).
+            step, base_state = restart_step(
+                judging & ~agree & ~undo & ~skipped,
+                updates,
+                state.anchor.base_state,
+                params,
+                base_update,
+                extra_args,
+                (step, base_state),
+            )
         step = optax.tree.where(
             undo, optax.tree.cast_like(optax.tree.sub(state.anchor.params, params), step), step
         )
@@ -411,7 +430,7 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
     )
 
 
-def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args):
+def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args, restore_fn=None):
     """The base's true step or one surrogate step: ``(step, base_state, status, ungated)``.
 
     A non-finite gradient (or base update) never reaches the parameters: the true
@@ -450,7 +469,12 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
         return optax.tree.cast_like(step, updates), new_base, code.astype(jnp.int32), ungated
 
     base_state = state.base_state
-    if cfg.restore_state:
+    if cfg.restore_state == "fn":
+        assert restore_fn is not None, "restore_state='fn' needs the front-end's restore_fn"
+        judging = (sch.phase == 0) & sch.verify
+        restored = restore_fn(state.anchor.base_state, base_state, updates)
+        base_state = optax.tree.where(judging, restored, base_state)
+    elif cfg.restore_state and cfg.restore_state != "disagreement":
         # The base's state (Adam's moments) as it was where the phase began: a surrogate
         # phase moves the iterate only.
         restored = state.anchor.base_state
@@ -459,6 +483,19 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
             restored = base_state._replace(**{k: getattr(restored, k) for k in names})
         base_state = optax.tree.where((sch.phase == 0) & sch.verify, restored, base_state)
     return jax.lax.cond(sch.phase == 0, true_step, surrogate_step, base_state)
+
+
+def restart_step(when, updates, base_state, params, base_update, extra_args, current):
+    """``(step, base_state)``: the base's true step from `base_state` if `when`, else
+    `current` (a non-finite result keeps `current`, as `take_step` would skip it)."""
+
+    def again(cur):
+        new_updates, new_base = base_update(updates, base_state, params, **extra_args)
+        finite = _all_finite(updates) & _all_finite(new_updates)
+        step = optax.tree.where(finite, optax.tree.cast_like(new_updates, cur[0]), cur[0])
+        return step, optax.tree.where(finite, new_base, cur[1])
+
+    return jax.lax.cond(when, again, lambda cur: cur, current)
 
 
 def judge(judging, model: Model, params, measured, value, anchor: Anchor, cfg):
