@@ -318,11 +318,15 @@ def lgf_adam(
       step of horizon h advances Adam's step count by h).
     - `buffer_dtype`: storage dtype of the iterate and gradient buffers.
     - `amsgrad`: use AMSGrad's running max of ``vhat`` (as `optax.amsgrad`).
-    - `restore_moments`: verified schedule (default True): a surrogate phase moves the
-      parameters only; the true step that judges it starts from the Adam state (moments
-      and step count) of the phase's start. Moments integrated with a learned gradient
-      in a few POD directions steer the later true steps into slower progress (deep
-      energy: 1.23x Adam's gradients to its target without, 1.0x with).
+    - `restore_moments`: verified schedule (default True): a surrogate phase of at most
+      ``1 / (1 - b1)`` Adam steps moves the parameters only; the true step that judges
+      it starts from the Adam state (moments and step count) of the phase's start (a
+      longer phase keeps the moments it integrated). Moments integrated with a learned
+      gradient in a few POD directions steer the later true steps into slower progress
+      (deep energy: 1.23x Adam's gradients to its target without, 1.0x with). With it,
+      a phase that lowered the loss also resumes after a refit when the judging step
+      disagrees, and the next phase's length aims the judged error at
+      `verify_tolerance` (these two alone, without it, make deep energy worse).
     - `gradient_basis`: verified schedule with a POD rank (default True): the learned
       gradient lives in a POD basis of the recorded gradients (its input is still the
       iterate's POD coordinates), and the judging step measures its error against the

@@ -34,7 +34,10 @@ Options that `lgf_adam` turns on (`VerifiedConfig` flags, off for `lgf`):
   (Adam's moments and step count) as it was where the phase began, so a phase moves
   the iterate only. Moments integrated with a learned gradient in a few POD directions
   left later true Adam steps progressing about half as fast as Adam's own at the same
-  loss (deep energy, 560-weight MLP);
+  loss (deep energy, 560-weight MLP). `lgf_adam` uses ``"fn"``: its `restore_fn`
+  restores after phases within the first moment's memory, ``1 / (1 - b1)`` steps,
+  and keeps the integrated moments after longer ones (whose start is stale: always
+  restoring cost Rosenbrock and a small MLP their final loss);
 - `target_basis` with `judge_full`: the learned gradient's output lives in a POD basis
   of the recorded gradients (its input stays the iterate's POD coordinates), and the
   judged error is against the whole measured gradient, not its projection;
@@ -44,9 +47,9 @@ Options that `lgf_adam` turns on (`VerifiedConfig` flags, off for `lgf`):
   ``length * verify_tolerance / error`` (within [length / 2, 2 length]): the error grows
   about linearly with the length, so this aims the next phase at the tolerance.
 
-Together, on the deep energy example (full size) the default `lgf_adam` needs 0.59x
-Adam's gradients to the report's target instead of 1.23x; without `restore_state` the
-other three make it worse (1.42x), so they come as one set.
+Together, on the deep energy example (full size) the default `lgf_adam` needs 0.66x
+Adam's gradients to the report's target instead of 1.23x (seeds 1, 2: 0.55x, 0.52x);
+without `restore_state` the other three make it worse (1.42x), so they come as one set.
 
 The engine (`make_verified`) is one `update` that reads as five module-level steps
 with explicit arguments: `take_step` (the base's true step, or one surrogate step
