@@ -521,6 +521,7 @@ def build_engine(
     judge_full=False,
     resume_on_drop=False,
     length_from_error=False,
+    restore_fn=None,
 ):
     """The engine of either schedule for a front-end's base flow (shared by both).
 
@@ -552,6 +553,7 @@ def build_engine(
                 length_from_error=length_from_error,
             ),
             buffer_dtype=buffer_dtype,
+            restore_fn=restore_fn,
         )
     from ._fixed import FixedConfig, make_transformation
 
