@@ -108,12 +108,13 @@ def test_skipped_evaluation_is_nan_and_zeros():
 @pytest.mark.parametrize("kind", ["lgf", "lgf_adam"])
 def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
     # Issue 16: a float32 equinox MLP (1,185 weights) with the defaults reaches, with
-    # its G true gradients, a loss no higher than its base after the same G gradients.
-    # Adam at lr 1e-2 is spiky here (its loss jumps 10x within a few steps, and so does
-    # LGF-Adam's, whose true steps are Adam's), so single final values are a coin flip
-    # (over 8 seeds of this test, 3 of 8 passed with the earlier lgf_adam default, 4
-    # of 8 with the current one): the test compares the medians of the last 20 losses
-    # at true steps instead (measured: 0.33x for adam at this seed).
+    # its G true gradients, a loss no higher than its base reaches with the same G
+    # gradients: the best loss seen at true steps (and at the end) against the base's
+    # best over its first G steps, i.e. evaluations to a target, as the report counts
+    # them. Adam at lr 1e-2 is spiky here (its loss jumps 10x within a few steps, and so
+    # does LGF-Adam's, whose true steps are Adam's): the last value, or the median of
+    # the last 20, swings between 0.2x and 2.5x of Adam's under a 4-ulp nudge of the
+    # start, while the best-loss ratio stayed within 0.27x-0.85x over 3 seeds x 3 nudges.
     model = eqx.nn.MLP(2, 1, 32, 2, key=jax.random.PRNGKey(0))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     params = perturb(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params))
@@ -156,7 +157,7 @@ def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
     # final point, reached with all G gradients, counts too.
     seen = np.append(np.asarray(values)[np.isfinite(np.asarray(values))], float(loss(p)))
     base = np.asarray(base_losses(params))  # base[j]: the loss after j + 1 gradients
-    assert np.median(seen[-20:]) <= np.median(base[g - 20 : g])
+    assert seen.min() <= base[:g].min()
 
 
 def test_filter_value_and_grad_docstring_example_runs():
