@@ -353,7 +353,6 @@ def lgf_adam(
         dict(
             restore_state=restore_moments is not False,
             target_basis=gradient_basis is not False,
-            judge_full=gradient_basis is not False,
             # A phase that lowered the loss keeps going after a refit with the judging pair:
             # the disagreement says the model needs that pair, not that the phase did harm.
             # (Safe only with restored moments: without, deep energy needs 1.42x Adam's.)

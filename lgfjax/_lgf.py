@@ -518,7 +518,6 @@ def build_engine(
     drift=False,
     restore_state=False,
     target_basis=False,
-    judge_full=False,
     resume_on_drop=False,
     length_from_error=False,
     restore_fn=None,
@@ -548,7 +547,6 @@ def build_engine(
                 drift=drift,
                 restore_state=restore_state,
                 target_basis=target_basis,
-                judge_full=judge_full,
                 resume_on_drop=resume_on_drop,
                 length_from_error=length_from_error,
             ),
@@ -634,7 +632,6 @@ def verified_config(
     drift=False,
     restore_state=False,
     target_basis=False,
-    judge_full=False,
     resume_on_drop=False,
     length_from_error=False,
 ):
@@ -676,7 +673,6 @@ def verified_config(
         drift=drift,
         restore_state=restore_state,
         target_basis=target_basis and fit.rank is not None,
-        judge_full=judge_full and fit.rank is not None,
         resume_on_drop=resume_on_drop,
         length_from_error=length_from_error,
     )

@@ -40,7 +40,7 @@ Options that `lgf_adam` turns on (`VerifiedConfig` flags, off for `lgf`):
   within the first moment's memory, ``1 / (1 - b1)`` steps, and keeps the integrated
   moments after longer ones (whose start is stale: always restoring cost Rosenbrock
   and a small MLP their final loss);
-- `target_basis` with `judge_full`: the learned gradient's output lives in a POD basis
+- `target_basis`: the learned gradient's output lives in a POD basis
   of the recorded gradients (its input stays the iterate's POD coordinates), and the
   judged error is against the whole measured gradient, not its projection;
 - `resume_on_drop`: a disagreement after a phase that lowered the loss refits with the
@@ -186,8 +186,9 @@ class VerifiedConfig(NamedTuple):
     drift: bool = False  # hold the measurement's part outside the POD basis over a phase
     # Options `lgf_adam` turns on (see the module notes):
     restore_state: bool = False  # the judging true step starts from a restored base state
-    judge_full: bool = False  # flow error against the whole measurement, not its projection
-    target_basis: bool = False  # the flow's output in a POD basis of the measurements
+    # the flow's output in a POD basis of the measurements, and its error judged against
+    # the whole measurement (outside that basis too), not its projection
+    target_basis: bool = False
     resume_on_drop: bool = False  # a disagreement after a loss drop refits and resumes at once
     # the next phase length from the judged error, length * tol / err (clipped to
     # [length / 2, 2 length]), for judged phases that were not undone
@@ -485,7 +486,7 @@ def judge(judging, model: Model, params, measured, value, anchor: Anchor, cfg):
             seen = tree_project(
                 model.basis if model.out_basis is None else model.out_basis, measured, dtype
             )
-        if cfg.judge_full and model.basis is not None:
+        if cfg.target_basis and model.basis is not None:
             # |U p - g| / |g| with U orthonormal: the out-of-basis part counts as error.
             inside = optax.tree.norm(optax.tree.sub(predicted, seen))
             total = optax.tree.norm(measured).astype(dtype)
