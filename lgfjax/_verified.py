@@ -96,6 +96,7 @@ from ._fit import (
     fit_pairs,
 )
 from ._flow import PolynomialFlow
+from ._layout import init_in_layout, is_flat, update_in_layout
 from ._lgf import (
     SurrogateModel,
     _fit_dtype,
@@ -264,7 +265,9 @@ def make_verified(
     K = fit_cfg.history_size
 
     def init_fn(params):
-        return init_state(params, base_init(params), cfg, buffer_dtype)
+        return init_in_layout(
+            lambda p, base_state: init_state(p, base_state, cfg, buffer_dtype), base_init, params
+        )
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         if params is None:
@@ -279,6 +282,17 @@ def make_verified(
     warn_ungated = _once_per_run_warning()
 
     def update(updates, state, params, value, extra_args):
+        flat = is_flat(state.anchor.params, params)
+        return update_in_layout(
+            lambda u, s, p, b: core(u, s, p, value, extra_args, b),
+            base_update,
+            flat,
+            updates,
+            state,
+            params,
+        )
+
+    def core(updates, state, params, value, extra_args, base_update):
         sch, model, info = state.schedule, state.model, state.info
         dtype = model.coefficients.dtype
         is_true = sch.phase == 0

@@ -1,0 +1,87 @@
+"""The engine's parameter layout: one flat vector where that is free, else the pytree.
+
+Every operation of an LGF engine that touches parameter-shaped data (the ring buffer,
+the POD projection and lift, the guards' norms, the finiteness checks, the surrogate's
+vector field) is written leaf by leaf. On a network with L leaves XLA compiles each of
+them L times, and the engine's program grows with L, not with what it computes. So
+an engine keeps its state and runs its `update` on one flat vector (the order of
+`jax.flatten_util.ravel_pytree`) whenever that costs nothing:
+
+- the parameters have at least two leaves (one leaf is already flat),
+- all of one dtype (a flat vector has one dtype: mixing would store low-precision
+  leaves at the higher precision),
+- and none is sharded across devices (the concatenation would gather them): with
+  explicitly sharded leaves, or concrete arrays laid out over several devices, the
+  engine keeps the pytree so that every leaf stays sharded along its own axes.
+
+The base optimiser always sees the parameters' own pytree (its updates and its state
+are unravelled and ravelled at the boundary), so its state is exactly its own and a
+per-leaf base (``optax.masked``, LARS, per-layer clipping) behaves as it does alone.
+The layout is decided once, in ``init``; ``update`` reads it from the state's shape.
+Numerics: elementwise work is bitwise the same in either layout; sums over the
+parameters (norms, projections) add the same numbers in a different order, so the two
+layouts agree to rounding.
+"""
+
+from collections.abc import Callable
+
+import jax
+import optax
+from jax.flatten_util import ravel_pytree
+
+from ._pod import _explicit_spec
+
+
+def _spread(leaf) -> bool:
+    """Whether `leaf` lives on several devices, not replicated (concrete arrays only)."""
+    if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
+        return False
+    sharding = leaf.sharding
+    return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
+
+
+def flat_layout(params) -> bool:
+    """Whether an engine initialised at `params` keeps them as one flat vector."""
+    leaves = jax.tree_util.tree_leaves(params)
+    if len(leaves) < 2 or len({jax.numpy.result_type(x) for x in leaves}) > 1:
+        return False
+    return not any(_explicit_spec(x) is not None or _spread(x) for x in leaves)
+
+
+def init_in_layout(init_state: Callable, base_init: Callable, params):
+    """``init_state(params in the engine's layout, base_init(params))``."""
+    base_state = base_init(params)
+    if flat_layout(params):
+        params = ravel_pytree(params)[0]
+    return init_state(params, base_state)
+
+
+def is_flat(state_params, params) -> bool:
+    """Whether the engine's state (`state_params`: a parameter-shaped part of it) is flat
+    for these `params` (static: read from the shapes)."""
+    return (
+        len(jax.tree_util.tree_leaves(params)) > 1
+        and len(jax.tree_util.tree_leaves(state_params)) == 1
+    )
+
+
+def update_in_layout(core: Callable, base_update: Callable, flat: bool, updates, state, params):
+    """``core(updates, state, params, base_update)`` in the state's layout.
+
+    With a flat state, `core` sees flat `updates` and `params` and a `base_update`
+    that takes and returns flat vectors around the base's own pytree call; its step
+    comes back as a pytree like `updates`. Returns ``(step, state)``.
+    """
+    if not flat:
+        return core(updates, state, params, base_update)
+    flat_params, unravel_params = ravel_pytree(params)
+    flat_updates, unravel_updates = ravel_pytree(updates)
+
+    def flat_base_update(u, base_state, p, **extra_args):
+        step, base_state = base_update(
+            unravel_updates(u), base_state, unravel_params(p), **extra_args
+        )
+        return ravel_pytree(step)[0], base_state
+
+    step, state = core(flat_updates, state, flat_params, flat_base_update)
+    return optax.tree.cast_like(unravel_updates(step), updates), state
