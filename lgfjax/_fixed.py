@@ -39,6 +39,7 @@ from ._fit import (
     fit_flow,
 )
 from ._flow import PolynomialFlow
+from ._layout import init_in_layout, is_flat, update_in_layout
 from ._lgf import (
     SurrogateModel,
     _fit_dtype,
@@ -139,7 +140,11 @@ def make_transformation(
     checking = cfg.check_every is not None
 
     def init_fn(params):
-        return init_state(params, base_init(params), cfg, record_gradients, buffer_dtype)
+        return init_in_layout(
+            lambda p, base_state: init_state(p, base_state, cfg, record_gradients, buffer_dtype),
+            base_init,
+            params,
+        )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         if params is None:
@@ -149,6 +154,16 @@ def make_transformation(
                 "`check_every` is set, so `update` needs the extra argument "
                 "`value_fn` (params -> scalar loss), as for `optax.lbfgs`."
             )
+        flat = is_flat(state.window.trajectory, params)
+
+        def in_layout(updates, state, params, base_update, to_tree):
+            user_value_fn = value_fn
+            layout_value_fn = None if user_value_fn is None else lambda p: user_value_fn(to_tree(p))
+            return core(updates, state, params, base_update, layout_value_fn, extra_args)
+
+        return update_in_layout(in_layout, base_update, flat, updates, state, params)
+
+    def core(updates, state, params, base_update, value_fn, extra_args):
         sch = state.schedule
         cs = sch.cycle_step
         last_of_cycle = cs + 1 >= K + sch.surrogate_steps

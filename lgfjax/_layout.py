@@ -66,22 +66,23 @@ def is_flat(state_params, params) -> bool:
 
 
 def update_in_layout(core: Callable, base_update: Callable, flat: bool, updates, state, params):
-    """``core(updates, state, params, base_update)`` in the state's layout.
+    """``core(updates, state, params, base_update, to_tree)`` in the state's layout.
 
-    With a flat state, `core` sees flat `updates` and `params` and a `base_update`
-    that takes and returns flat vectors around the base's own pytree call; its step
-    comes back as a pytree like `updates`. Returns ``(step, state)``.
+    With a flat state, `core` sees flat `updates` and `params`, a `base_update` that
+    takes and returns flat vectors around the base's own pytree call, and `to_tree`
+    (engine-layout parameters -> the user's pytree, for user callbacks such as
+    ``value_fn``); its step comes back as a pytree like `updates`. Returns
+    ``(step, state)``.
     """
     if not flat:
-        return core(updates, state, params, base_update)
+        return core(updates, state, params, base_update, lambda p: p)
     flat_params, unravel_params = ravel_pytree(params)
     flat_updates, unravel_updates = ravel_pytree(updates)
 
     def flat_base_update(u, base_state, p, **extra_args):
-        step, base_state = base_update(
-            unravel_updates(u), base_state, unravel_params(p), **extra_args
-        )
+        u, p = unravel_updates(u), unravel_params(p)
+        step, base_state = base_update(u, base_state, p, **extra_args)
         return ravel_pytree(step)[0], base_state
 
-    step, state = core(flat_updates, state, flat_params, flat_base_update)
+    step, state = core(flat_updates, state, flat_params, flat_base_update, unravel_params)
     return optax.tree.cast_like(unravel_updates(step), updates), state

@@ -284,7 +284,7 @@ def make_verified(
     def update(updates, state, params, value, extra_args):
         flat = is_flat(state.anchor.params, params)
         return update_in_layout(
-            lambda u, s, p, b: core(u, s, p, value, extra_args, b),
+            lambda u, s, p, b, _: core(u, s, p, value, extra_args, b),
             base_update,
             flat,
             updates,
