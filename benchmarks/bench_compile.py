@@ -89,13 +89,21 @@ def step_for(opt, loss, lgf: bool):
     return step
 
 
-def parts(params, K, rank, degree, dtype, adam=False):
+def parts(params, K, rank, degree, dtype, adam=False, flat=False):
     """Standalone fit and surrogate step at the sizes of an LGF step.
 
     The surrogate part is the front-end's own step (`velocity_surrogate` for `lgf`,
     the Adam ODE's `adam_surrogate` for `lgf_adam`) on a POD model of the same rank,
-    called as the engine calls it, without the engine around it.
+    called as the engine calls it, without the engine around it. With `flat`, both
+    work on the parameters raveled into one vector, the layout the engine itself uses
+    for a pytree of one dtype (`lgfjax._layout`); Adam's moments stay the base's own
+    pytrees, as in the engine.
     """
+    from jax.flatten_util import ravel_pytree
+
+    tree_params = params
+    if flat:
+        params = ravel_pytree(params)[0]
     import dataclasses
 
     import diffrax
@@ -135,7 +143,7 @@ def parts(params, K, rank, degree, dtype, adam=False):
     )
     if adam:
         step_fn = adam_surrogate(1e-2, 0.9, 0.999, 1e-8, False, None, **options)
-        base_state = adam_base(1e-2, 0.9, 0.999, 1e-8, False)[0](params)
+        base_state = adam_base(1e-2, 0.9, 0.999, 1e-8, False)[0](tree_params)
     else:
         step_fn = velocity_surrogate(0.1, **options)
         base_state = optax.EmptyState()
@@ -162,14 +170,15 @@ def breakdown(params, loss, repeats):
         zero, false = jnp.zeros((), model.coefficients.dtype), jnp.asarray(False)
         return zero, false, false
 
-    def true_only(updates, state, params, base_update, surrogate_fn, cfg, extra_args):
+    def true_only(updates, state, params, base_update, surrogate_fn, cfg, extra_args, *_):
         step, base_state = base_update(updates, state.base_state, params)
         return step, base_state, jnp.asarray(0, jnp.int32), jnp.asarray(False)
 
+    false = jnp.asarray(False)
     no_ops = {
         "take_step: surrogate branch": {"take_step": true_only},
         "judge (free verification)": {"judge": no_judge},
-        "retreat": {"retreat": lambda skipped, value, buf, params, step: (step, False)},
+        "retreat": {"retreat": lambda _s, _v, _b, _p, step: (step, false)},
         "record (ring buffer)": {"record": lambda buf, when, params, measured: buf},
         "fit_model (fit, once or never)": {"fit_model": lambda w, m, i, *a: (m, i)},
         "ungated-gradient warning": {"_once_per_run_warning": lambda: lambda flag: None},
@@ -222,15 +231,18 @@ def main(argv=None):
         "lgf_adam default": (lgfjax.lgf_adam(1e-2), True),
     }
     part_fns = {}
-    for label, rank, degree, adam in (
-        ("rank 5, deg 1", K // 2, 1, False),
-        ("rank 4, deg 2", 4, 2, False),
-        ("rank 5, deg 1, Adam ODE", K // 2, 1, True),
-    ):
-        (fit, fit_args), (sur, sur_args) = parts(params, K, rank, degree, dtype, adam=adam)
-        if not adam:
-            part_fns[f"part: fit ({label})"] = (fit, fit_args)
-        part_fns[f"part: surrogate step ({label})"] = (sur, sur_args)
+    for layout in ("flat", "tree"):
+        for label, rank, degree, adam in (
+            ("rank 5, deg 1", K // 2, 1, False),
+            ("rank 4, deg 2", 4, 2, False),
+            ("rank 5, deg 1, Adam ODE", K // 2, 1, True),
+        ):
+            (fit, fit_args), (sur, sur_args) = parts(
+                params, K, rank, degree, dtype, adam=adam, flat=layout == "flat"
+            )
+            if not adam:
+                part_fns[f"{layout} part: fit ({label})"] = (fit, fit_args)
+            part_fns[f"{layout} part: surrogate ({label})"] = (sur, sur_args)
     best: dict[str, tuple] = {}
     for _ in range(args.repeats):
         for name, (opt, lgf) in kinds.items():
@@ -248,31 +260,26 @@ def main(argv=None):
     print(f"{'step':42s} {'lower [s]':>10s} {'compile [s]':>12s} {'HLO ops':>8s} {'x sgd':>6s}")
     for name, (lo, co, ops) in best.items():
         print(f"{name:42s} {lo:10.2f} {co:12.2f} {ops:8d} {total(name) / total('optax.sgd'):6.1f}")
-    for lgf_name, base, fit_name, sur_name in (
-        (
-            "lgf(sgd) default",
-            "optax.sgd",
-            "part: fit (rank 5, deg 1)",
-            "part: surrogate step (rank 5, deg 1)",
-        ),
-        (
-            "lgf(sgd) default rank 4 deg 2",
-            "optax.sgd",
-            "part: fit (rank 4, deg 2)",
-            "part: surrogate step (rank 4, deg 2)",
-        ),
-        (
-            "lgf_adam default",
-            "optax.adam",
-            "part: fit (rank 5, deg 1)",
-            "part: surrogate step (rank 5, deg 1, Adam ODE)",
-        ),
+    print(
+        "(parts: 'flat' on the parameters raveled into one vector, the layout the engine "
+        "runs in for a pytree of one dtype; 'tree' on the MLP's own pytree)"
+    )
+    for lgf_name, base, label in (
+        ("lgf(sgd) default", "optax.sgd", "rank 5, deg 1"),
+        ("lgf(sgd) default rank 4 deg 2", "optax.sgd", "rank 4, deg 2"),
+        ("lgf_adam default", "optax.adam", "rank 5, deg 1, Adam ODE"),
     ):
-        parts_sum = total(base) + total(fit_name) + total(sur_name)
-        print(
-            f"{lgf_name}: {total(lgf_name) / parts_sum:.2f}x the sum of its parts "
-            f"({total(lgf_name):.2f} s vs {parts_sum:.2f} s = base + fit + surrogate step)"
-        )
+        fit_label = label.replace(", Adam ODE", "")
+        for layout in ("flat", "tree"):
+            parts_sum = (
+                total(base)
+                + total(f"{layout} part: fit ({fit_label})")
+                + total(f"{layout} part: surrogate ({label})")
+            )
+            print(
+                f"{lgf_name}: {total(lgf_name) / parts_sum:.2f}x the sum of its {layout} parts "
+                f"({total(lgf_name):.2f} s vs {parts_sum:.2f} s = base + fit + surrogate step)"
+            )
     if args.breakdown:
         breakdown(params, loss, args.repeats)
 
