@@ -96,12 +96,10 @@ def parts(params, K, rank, degree, dtype, adam=False, flat=False):
     the Adam ODE's `adam_surrogate` for `lgf_adam`) on a POD model of the same rank,
     called as the engine calls it, without the engine around it. With `flat`, both
     work on the parameters raveled into one vector, the layout the engine itself uses
-    for a pytree of one dtype (`lgfjax._layout`); Adam's moments stay the base's own
-    pytrees, as in the engine.
+    for a pytree of one dtype (`lgfjax._layout`), Adam's moments included.
     """
     from jax.flatten_util import ravel_pytree
 
-    tree_params = params
     if flat:
         params = ravel_pytree(params)[0]
     import dataclasses
@@ -143,7 +141,7 @@ def parts(params, K, rank, degree, dtype, adam=False, flat=False):
     )
     if adam:
         step_fn = adam_surrogate(1e-2, 0.9, 0.999, 1e-8, False, None, **options)
-        base_state = adam_base(1e-2, 0.9, 0.999, 1e-8, False)[0](tree_params)
+        base_state = adam_base(1e-2, 0.9, 0.999, 1e-8, False)[0](params)
     else:
         step_fn = velocity_surrogate(0.1, **options)
         base_state = optax.EmptyState()

@@ -6,11 +6,9 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Int
 
 from ._flow import RK4, integrate_span
-from ._layout import is_flat
 from ._lgf import build_engine, fit_options, shared_options
 from ._validate import _concrete, check_bool, check_nonnegative, check_positive
 
@@ -155,16 +153,10 @@ def adam_surrogate(
         def to_fit(tree):
             return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
 
-        # The moments are the base's own pytrees; in the engine's flat layout they are
-        # integrated raveled like the parameters (`lgfjax._layout`).
-        mu, nu, nu_max0 = base_state.mu, base_state.nu, base_state.nu_max
-        unravel = None
-        if is_flat(params, mu):
-            (mu, nu), unravel = (ravel_pytree(mu)[0], ravel_pytree(nu)[0]), ravel_pytree(mu)[1]
-            nu_max0 = None if nu_max0 is None else ravel_pytree(nu_max0)[0]
-        y0 = to_fit((params, mu, nu))
+        # The moments live in the engine's layout, like `params` (`elementwise_base`).
+        y0 = to_fit((params, base_state.mu, base_state.nu))
         count0 = base_state.count.astype(dtype)
-        nu_max0 = None if nu_max0 is None else to_fit(nu_max0)
+        nu_max0 = None if base_state.nu_max is None else to_fit(base_state.nu_max)
         dt_ = jnp.asarray(eta if dt is None else dt, dtype)
         (a1, m1, v1), ok = integrate_span(
             vector_field,
@@ -187,13 +179,8 @@ def adam_surrogate(
         if nu_max0 is not None:
             # The running max is over the bias-corrected v at the step's end, as in optax.
             c2 = 1 - b2 ** (count0 + span * dt_ / eta)
-            nu_max = jax.tree_util.tree_map(lambda vm, v: jnp.maximum(vm, v / c2), nu_max0, v1)
-        if unravel is not None:
-            m1, v1 = unravel(m1), unravel(v1)
-            nu_max = None if nu_max is None else unravel(nu_max)
-        if nu_max is not None:
             nu_max = optax.tree.cast_like(
-                nu_max,
+                jax.tree_util.tree_map(lambda vm, v: jnp.maximum(vm, v / c2), nu_max0, v1),
                 base_state.nu_max,  # pyright: ignore[reportArgumentType] (not None here)
             )
         new_state = AdamState(
@@ -399,6 +386,9 @@ def lgf_adam(
         target_fn=lambda grads, true_update: grads,
         record_gradients=True,
         restore_fn=adam_restore(b1),
+        # Adam is elementwise: its moments live in the engine's (flat) layout, where
+        # the surrogate integrates them.
+        elementwise_base=True,
         **verified_options,
         **shared_options(build_engine, locals(), "target_fn", "record_gradients"),
     )

@@ -130,8 +130,11 @@ def make_transformation(
     record_gradients: bool,
     cfg: FixedConfig,
     buffer_dtype,
+    elementwise_base: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The fixed-schedule engine shared by `lgf` and `lgf_adam`.
+
+    `elementwise_base`: the base runs in the engine's parameter layout (`lgfjax._layout`).
 
     `surrogate_fn(model, params, base_state, dtype)` returns ``(updates, base_state,
     ok)`` for one surrogate step; everything else is common.
@@ -144,6 +147,7 @@ def make_transformation(
             lambda p, base_state: init_state(p, base_state, cfg, record_gradients, buffer_dtype),
             base_init,
             params,
+            elementwise_base,
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -161,7 +165,9 @@ def make_transformation(
             layout_value_fn = None if user_value_fn is None else lambda p: user_value_fn(to_tree(p))
             return core(updates, state, params, base_update, layout_value_fn, extra_args)
 
-        return update_in_layout(in_layout, base_update, flat, updates, state, params)
+        return update_in_layout(
+            in_layout, base_update, flat, updates, state, params, elementwise_base
+        )
 
     def core(updates, state, params, base_update, value_fn, extra_args):
         sch = state.schedule

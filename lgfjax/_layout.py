@@ -14,9 +14,12 @@ an engine keeps its state and runs its `update` on one flat vector (the order of
   explicitly sharded leaves, or concrete arrays laid out over several devices, the
   engine keeps the pytree so that every leaf stays sharded along its own axes.
 
-The base optimiser always sees the parameters' own pytree (its updates and its state
-are unravelled and ravelled at the boundary), so its state is exactly its own and a
-per-leaf base (``optax.masked``, LARS, per-layer clipping) behaves as it does alone.
+A user's base optimiser always sees the parameters' own pytree (its updates and its
+state are unravelled and ravelled at the boundary), so its state is exactly its own
+and a per-leaf base (``optax.masked``, LARS, per-layer clipping) behaves as it does
+alone. A front-end's own elementwise base (`lgf_adam`'s Adam, whose surrogate
+integrates the moments) runs in the engine's layout instead (``elementwise=True``):
+its moments are then flat vectors too, and nothing is raveled at every step.
 The layout is decided once, in ``init``; ``update`` reads it from the state's shape.
 Numerics: elementwise work is bitwise the same in either layout; sums over the
 parameters (norms, projections) add the same numbers in a different order, so the two
@@ -48,12 +51,15 @@ def flat_layout(params) -> bool:
     return not any(_explicit_spec(x) is not None or _spread(x) for x in leaves)
 
 
-def init_in_layout(init_state: Callable, base_init: Callable, params):
-    """``init_state(params in the engine's layout, base_init(params))``."""
-    base_state = base_init(params)
-    if flat_layout(params):
-        params = ravel_pytree(params)[0]
-    return init_state(params, base_state)
+def init_in_layout(init_state: Callable, base_init: Callable, params, elementwise: bool = False):
+    """``init_state(params in the engine's layout, base_init(params))``; with
+    `elementwise`, the base is initialised in the engine's layout too."""
+    flat = flat_layout(params)
+    if flat:
+        flat_params = ravel_pytree(params)[0]
+        base_state = base_init(flat_params if elementwise else params)
+        return init_state(flat_params, base_state)
+    return init_state(params, base_init(params))
 
 
 def is_flat(state_params, params) -> bool:
@@ -65,11 +71,20 @@ def is_flat(state_params, params) -> bool:
     )
 
 
-def update_in_layout(core: Callable, base_update: Callable, flat: bool, updates, state, params):
+def update_in_layout(
+    core: Callable,
+    base_update: Callable,
+    flat: bool,
+    updates,
+    state,
+    params,
+    elementwise: bool = False,
+):
     """``core(updates, state, params, base_update, to_tree)`` in the state's layout.
 
     With a flat state, `core` sees flat `updates` and `params`, a `base_update` that
-    takes and returns flat vectors around the base's own pytree call, and `to_tree`
+    takes and returns flat vectors around the base's own pytree call (with
+    `elementwise`, the base itself, which runs in the flat layout), and `to_tree`
     (engine-layout parameters -> the user's pytree, for user callbacks such as
     ``value_fn``); its step comes back as a pytree like `updates`. Returns
     ``(step, state)``.
@@ -84,5 +99,11 @@ def update_in_layout(core: Callable, base_update: Callable, flat: bool, updates,
         step, base_state = base_update(u, base_state, p, **extra_args)
         return ravel_pytree(step)[0], base_state
 
-    step, state = core(flat_updates, state, flat_params, flat_base_update, unravel_params)
+    step, state = core(
+        flat_updates,
+        state,
+        flat_params,
+        base_update if elementwise else flat_base_update,
+        unravel_params,
+    )
     return optax.tree.cast_like(unravel_updates(step), updates), state

@@ -521,6 +521,7 @@ def build_engine(
     resume_on_drop=False,
     length_from_error=False,
     restore_fn=None,
+    elementwise_base=False,
 ):
     """The engine of either schedule for a front-end's base flow (shared by both).
 
@@ -552,6 +553,7 @@ def build_engine(
             ),
             buffer_dtype=buffer_dtype,
             restore_fn=restore_fn,
+            elementwise_base=elementwise_base,
         )
     from ._fixed import FixedConfig, make_transformation
 
@@ -575,6 +577,7 @@ def build_engine(
         record_gradients=record_gradients,
         cfg=fixed,
         buffer_dtype=buffer_dtype,
+        elementwise_base=elementwise_base,
     )
 
 

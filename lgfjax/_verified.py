@@ -251,8 +251,12 @@ def make_verified(
     cfg: VerifiedConfig,
     buffer_dtype,
     restore_fn: Callable | None = None,
+    elementwise_base: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The verified-schedule engine shared by `lgf` and `lgf_adam`.
+
+    `elementwise_base`: the base runs in the engine's parameter layout (`lgfjax._layout`;
+    a front-end's own elementwise base), not on the user's pytree.
 
     `restore_fn(anchor_state, state)` (with ``cfg.restore_state``) is the base state
     the judging true step starts from, given the state where the phase began and the
@@ -266,7 +270,10 @@ def make_verified(
 
     def init_fn(params):
         return init_in_layout(
-            lambda p, base_state: init_state(p, base_state, cfg, buffer_dtype), base_init, params
+            lambda p, base_state: init_state(p, base_state, cfg, buffer_dtype),
+            base_init,
+            params,
+            elementwise_base,
         )
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -290,6 +297,7 @@ def make_verified(
             updates,
             state,
             params,
+            elementwise_base,
         )
 
     def core(updates, state, params, value, extra_args, base_update):
