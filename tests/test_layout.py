@@ -1,0 +1,113 @@
+"""The engine's parameter layout (`lgfjax._layout`): one flat vector for a pytree of
+one dtype, the pytree otherwise, and the same optimiser either way."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+from problems import mlp_regression, pytree_quadratic, run
+
+import lgfjax
+from lgfjax import _layout
+
+
+@pytest.mark.parametrize(
+    "params, flat",
+    [
+        ({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, True),
+        (jnp.ones((2, 3)), False),  # one leaf: already flat
+        ({"w": jnp.ones((2, 3)), "b": jnp.zeros(3, jnp.float32)}, False),  # two dtypes
+        ([jnp.ones(2)], False),
+    ],
+)
+def test_flat_layout_rule(params, flat):
+    assert _layout.flat_layout(params) is flat
+
+
+def _optimisers(lr):
+    return {
+        "lgf": lambda: lgfjax.lgf(optax.sgd(lr), dt=lr),
+        "lgf fixed": lambda: lgfjax.lgf(
+            optax.sgd(lr), dt=lr, history_size=6, retrain_interval=15, rank=3
+        ),
+        "lgf_adam": lambda: lgfjax.lgf_adam(0.05),
+        "lgf_adam fixed": lambda: lgfjax.lgf_adam(
+            0.05, history_size=6, retrain_interval=15, rank=3
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_optimisers(0.1)))
+def test_pytree_state_is_one_flat_vector(kind):
+    problem = pytree_quadratic()
+    n = ravel_pytree(problem.x0)[0].size
+    state = _optimisers(problem.lr)[kind]().init(problem.x0)
+    rows = state.buffers.points if hasattr(state, "buffers") else state.window.trajectory
+    assert jnp.shape(rows)[1:] == (n,)
+    if kind.startswith("lgf_adam"):
+        # lgf_adam's own Adam is elementwise and runs in the engine's layout.
+        assert jnp.shape(state.base_state.mu) == (n,)
+
+
+def test_a_users_base_keeps_its_own_pytree_state():
+    # optax.adam as a user's base sees the parameters' pytree, so its state has
+    # optax.adam's own structure and the first K true steps are optax.adam's (the flat
+    # layout only ravels and unravels around it).
+    problem = pytree_quadratic()
+    K = 6
+    opt = lgfjax.lgf(optax.adam(0.05), dt=0.05, history_size=K)
+    ref = optax.adam(0.05)
+    p, s = problem.x0, opt.init(problem.x0)
+    q, r = problem.x0, ref.init(problem.x0)
+    assert jax.tree_util.tree_structure(s.base_state) == jax.tree_util.tree_structure(r)
+    grad = jax.jit(jax.grad(problem.loss))
+    for _ in range(K):
+        u, s = opt.update(grad(p), s, p)
+        p = optax.apply_updates(p, u)
+        v, r = ref.update(grad(q), r, q)
+        q = optax.apply_updates(q, v)
+    # The same update compiled in another program: equal up to XLA's fusion choices,
+    # a few ulps (1e-13 is 450 eps64), as in test_lgf's test_true_steps_equal_base.
+    leaves = zip(jax.tree_util.tree_leaves((p, s.base_state)), jax.tree_util.tree_leaves((q, r)))
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("kind", list(_optimisers(0.1)))
+def test_flat_and_pytree_layouts_agree(kind, monkeypatch):
+    problem = pytree_quadratic()
+    make = _optimisers(problem.lr)[kind]
+    p_flat, s_flat, _ = run(make(), problem, 60)
+    monkeypatch.setattr(_layout, "flat_layout", lambda params: False)
+    p_tree, s_tree, _ = run(make(), problem, 60)
+    assert jnp.shape(jax.tree_util.tree_leaves(s_tree.model.coefficients)[0])  # ran
+    # Elementwise work is identical in both layouts; sums over the parameters (Gram
+    # matrix, projections, norms) add the same terms in another order, which changes
+    # each by at most n eps64 ~ 2e-15 relative (n = 10). The least-squares fit
+    # amplifies that by its condition number, large for a few nearly collinear
+    # iterates of a gradient flow (the observed end-to-end effect is ~1e-10); 1e-7 of
+    # the parameters' scale is that amplification bounded by 1e8 / n. The schedule's
+    # decisions (flow errors ~1e-12 against a tolerance of 0.2) cannot flip.
+    a, b = ravel_pytree(p_flat)[0], ravel_pytree(p_tree)[0]
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-7 * float(jnp.max(jnp.abs(b))))
+    assert int(lgfjax.gradient_evaluations(s_flat)) == int(lgfjax.gradient_evaluations(s_tree))
+
+
+def test_value_fn_sees_the_users_pytree():
+    # The fixed schedule's acceptance test calls `value_fn` on the user's pytree (this
+    # loss indexes the dict, so a flat vector would raise).
+    problem = mlp_regression()
+    opt = lgfjax.lgf(
+        optax.sgd(problem.lr),
+        dt=problem.lr,
+        history_size=6,
+        retrain_interval=15,
+        rank=3,
+        check_every=1,
+    )
+    params, state, losses = run(opt, problem, 30, value_fn=True)
+    assert int(state.info.value_evaluations) > 0
+    assert np.all(np.isfinite(losses))
