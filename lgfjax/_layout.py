@@ -21,6 +21,9 @@ alone. A front-end's own elementwise base (`lgf_adam`'s Adam, whose surrogate
 integrates the moments) runs in the engine's layout instead (``elementwise=True``):
 its moments are then flat vectors too, and nothing is raveled at every step.
 The layout is decided once, in ``init``; ``update`` reads it from the state's shape.
+(An ``init`` traced under `jax.jit` sees no concrete placement: with automatically
+sharded parameters, call ``init`` outside `jit`, or shard explicitly, to keep the
+per-leaf layout.)
 Numerics: elementwise work is bitwise the same in either layout; sums over the
 parameters (norms, projections) add the same numbers in a different order, so the two
 layouts agree to rounding.
