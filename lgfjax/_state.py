@@ -1,5 +1,6 @@
 """Reading an LGF state, and evaluating the objective only when a step needs it."""
 
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import NamedTuple
@@ -11,7 +12,7 @@ from jaxtyping import Array, Float, Int
 
 from ._fit import STATUS_MESSAGES
 from ._fixed import LGFState
-from ._verified import VerifiedState
+from ._verified import UNGATED_WARNING, VerifiedState
 
 _STATES = (LGFState, VerifiedState)
 
@@ -90,6 +91,11 @@ def diagnostics(state) -> Diagnostics:
     s = find_state(state)
     shared = {f: getattr(s.info, f) for f in Diagnostics._fields if hasattr(s.info, f)}
     if isinstance(s, VerifiedState):
+        ungated = s.info.ungated
+        if not isinstance(ungated, jax.core.Tracer) and int(ungated) > 0:
+            # The compiled step has no host callback (it would keep JAX's persistent
+            # compilation cache from storing the user's step), so the warning is here.
+            warnings.warn(UNGATED_WARNING, UserWarning, stacklevel=2)
         return Diagnostics(
             phase=s.schedule.phase,
             steps=s.schedule.count,

@@ -207,17 +207,26 @@ UNGATED_WARNING = (
     "although no true step was due and nothing was saved. Take gradients with "
     "`lgfjax.value_and_grad` / `lgfjax.filter_value_and_grad` (or gate them on "
     "`lgfjax.needs_gradient(state)`); `lgfjax.diagnostics(state).ungated_gradients` "
-    "counts such steps. (Warned once per optimiser.)"
+    "counts such steps."
 )
 
 
-def _once_per_run_warning():
-    """``warn(flag)``: a `UserWarning` the first time `flag` is true, per optimiser.
+def _simulated_devices() -> bool:
+    """Whether this process runs several CPU devices (``--xla_force_host_platform_
+    device_count``, or multi-process CPU), where collectives run on XLA's CPU runtime.
 
-    The host callback sits in a `lax.cond`, so it runs only on the rare step where
-    `flag` is true (under `vmap` the cond becomes a select: the callback then runs
-    every step and reads the flag itself).
+    There, a step whose conditionals hold collectives (sharded parameters) can deadlock
+    when nothing orders its execution (jaxlib 0.10: 2 of 18 runs of the sharding guide's
+    example under load, none in 12 with a host callback in the step). Such steps keep
+    the ungated-gradient warning as a host callback, which orders them; everywhere else
+    the step has none, so that JAX's persistent compilation cache can store it.
     """
+    return jax.default_backend() == "cpu" and jax.device_count() > 1
+
+
+def _host_warning():
+    """``warn(flag)``: the ungated-gradient warning from inside the compiled step, once
+    per optimiser (only with `_simulated_devices`)."""
     warned = []
 
     def host(flag):
@@ -229,6 +238,21 @@ def _once_per_run_warning():
         jax.lax.cond(flag, lambda f: jax.debug.callback(host, f), lambda f: None, flag)
 
     return warn
+
+
+def _warn_if_ungated(before, after) -> None:
+    """The ungated-gradient `UserWarning`, if `after`'s counter grew (concrete states only).
+
+    No host callback is compiled into the step for this (but see `_simulated_devices`):
+    JAX's persistent compilation cache refuses programs with host callbacks, and a
+    cached step is worth more than a warning inside `jit`. Eager updates warn here;
+    `lgfjax.diagnostics` warns too.
+    """
+    if _simulated_devices():
+        return  # the compiled step warns itself
+    grew = after.info.ungated > before.info.ungated
+    if not isinstance(grew, jax.core.Tracer) and bool(grew):
+        warnings.warn(UNGATED_WARNING, UserWarning, stacklevel=3)
 
 
 def _all_finite(tree):
@@ -280,13 +304,15 @@ def make_verified(
         if params is None:
             raise ValueError("lgfjax transformations need `params` in `update`.")
         if extra_args:  # may hold callables: no jit boundary of our own
-            return update(updates, state, params, value, extra_args)
+            step, new_state = update(updates, state, params, value, extra_args)
+            _warn_if_ungated(state, new_state)
+            return step, new_state
         # One compiled program per transformation: eager calls hit the cache instead of
         # re-tracing the loops, the conditionals and diffrax at every step (seconds);
         # inside a user's jit this is inlined.
-        return jitted_update(updates, state, params, value)
-
-    warn_ungated = _once_per_run_warning()
+        step, new_state = jitted_update(updates, state, params, value)
+        _warn_if_ungated(state, new_state)
+        return step, new_state
 
     def update(updates, state, params, value, extra_args):
         flat = is_flat(state.anchor.params, params)
@@ -300,6 +326,8 @@ def make_verified(
             elementwise_base,
         )
 
+    host_warning = _host_warning()
+
     def core(updates, state, params, value, extra_args, base_update):
         sch, model, info = state.schedule, state.model, state.info
         dtype = model.coefficients.dtype
@@ -309,8 +337,9 @@ def make_verified(
         step, base_state, code, ungated = take_step(
             updates, state, params, base_update, surrogate_fn, cfg, extra_args, restore_fn
         )
+        if _simulated_devices():
+            host_warning(ungated)
         skipped = is_true & (code == NONFINITE_GRADIENT)
-        warn_ungated(ungated)
         # 2. The first true step after a phase judges it, for free.
         measured = target_fn(updates, step)
         judging = is_true & sch.verify

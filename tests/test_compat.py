@@ -1,6 +1,7 @@
 """The optax compatibility suite, run over `lgf` and `lgf_adam`."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -255,3 +256,45 @@ def test_vmap_over_independent_runs(kind):
         np.testing.assert_allclose(xs[i], x, rtol=0, atol=tol)
         # Exact: K true steps per cycle, no guard fires (see test_chain_and_state_lookup).
         assert int(states.gradient_evaluations[i]) == int(s.gradient_evaluations) == 2 * K
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: lgfjax.lgf(optax.sgd(0.1), dt=0.1),
+        lambda: lgfjax.lgf_adam(1e-2),
+        lambda: lgfjax.lgf(optax.sgd(0.1), dt=0.1, history_size=4, retrain_interval=8),
+    ],
+    ids=["lgf", "lgf_adam", "lgf fixed"],
+)
+def test_compiled_step_has_no_host_callback(make):
+    # JAX's persistent compilation cache (`jax_compilation_cache_dir`) refuses programs
+    # with host callbacks: a user's step with an lgfjax optimiser must have none.
+    opt = make()
+    loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)  # noqa: E731
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+
+    def step(p, s):
+        value, grads = lgfjax.value_and_grad(loss)(p, s)
+        updates, s = opt.update(grads, s, p, value=value)
+        return optax.apply_updates(p, updates), s
+
+    text = jax.jit(step).lower(params, opt.init(params)).compile().as_text()
+    targets = re.findall(r'custom_call_target="([^"]+)"', text)
+    assert not [t for t in targets if "callback" in t]
+
+
+def test_eager_update_warns_about_ungated_gradients():
+    # Without a jit of the user's own, `update` sees the new state on the host and
+    # warns when a surrogate step was handed a non-zero gradient.
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1, history_size=4)
+    loss = lambda x: jnp.sum(x**2)  # noqa: E731
+    x, s = jnp.ones(2), opt.init(jnp.ones(2))
+    for _ in range(50):  # true steps until the first surrogate step is due
+        if not bool(lgfjax.needs_gradient(s)):
+            break
+        u, s = opt.update(jax.grad(loss)(x), s, x)
+        x = optax.apply_updates(x, u)
+    assert not bool(lgfjax.needs_gradient(s)) and int(s.info.ungated) == 0
+    with pytest.warns(UserWarning, match="non-zero gradient"):
+        opt.update(jax.grad(loss)(x), s, x)

@@ -72,13 +72,15 @@ def test_equinox_mlp_trains_and_objective_runs_only_in_true_steps(kind):
 
 def test_ungated_gradients_are_reported():
     # The usual equinox loop evaluates the objective every step: LGF saves nothing, and
-    # the diagnostics say so (a surrogate step handed a non-zero gradient).
-    # It also warns, once per optimiser (not once per wasted step).
+    # the diagnostics say so (a surrogate step handed a non-zero gradient), with a
+    # warning. The jitted step itself has no host callback to warn with (it would keep
+    # JAX's persistent compilation cache from storing it), so it stays silent.
     opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1)
-    with pytest.warns(UserWarning, match="non-zero gradient") as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         _, _, state, calls = train(opt, gated=False, steps=60)
-    assert len([w for w in caught if "non-zero gradient" in str(w.message)]) == 1
-    d = lgfjax.diagnostics(state)
+    with pytest.warns(UserWarning, match="non-zero gradient"):
+        d = lgfjax.diagnostics(state)
     assert calls == 60  # exact: once per step
     surrogate = 60 - int(d.gradient_evaluations)
     assert surrogate > 0 and int(d.ungated_gradients) == surrogate
