@@ -53,8 +53,9 @@ Together, on the deep energy example (full size) the default `lgf_adam` needs 0.
 Adam's gradients to the report's target instead of 1.23x (seeds 1, 2: 0.55x, 0.52x);
 without `restore_state` the other three make it worse (1.42x), so they come as one set.
 
-The engine (`make_verified`) is one `update` that reads as five module-level steps
-with explicit arguments: `take_step` (the base's true step, or one surrogate step
+The engine (`make_verified`) runs one module-level `verified_update` in the parameter
+layout of `lgfjax._layout`; it reads as five module-level steps with explicit
+arguments: `take_step` (the base's true step, or one surrogate step
 with its guards), `judge` (the free verification), `record` (the ring buffer),
 `schedule_step` (the pure schedule rule) and `fit_model` (the refit). Where to add:
 
@@ -73,6 +74,7 @@ between steps or phases); on CPU, STLSQ solves its targets one at a time.
 """
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -289,8 +291,6 @@ def make_verified(
     `target_fn(grads, true_update)` is what a true step measured (the quantity the flow
     models); `surrogate_fn(model, params, base_state, dtype)` is one surrogate step.
     """
-    fit_cfg = cfg.fit
-    K = fit_cfg.history_size
 
     def init_fn(params):
         return init_in_layout(
@@ -327,96 +327,118 @@ def make_verified(
         )
 
     host_warning = _host_warning()
-
-    def core(updates, state, params, value, extra_args, base_update):
-        sch, model, info = state.schedule, state.model, state.info
-        dtype = model.coefficients.dtype
-        is_true = sch.phase == 0
-
-        # 1. The step: the base's true step (skipped if not finite), or the learned flow.
-        step, base_state, code, ungated = take_step(
-            updates, state, params, base_update, surrogate_fn, cfg, extra_args, restore_fn
-        )
-        if _simulated_devices():
-            host_warning(ungated)
-        skipped = is_true & (code == NONFINITE_GRADIENT)
-        # 2. The first true step after a phase judges it, for free.
-        measured = target_fn(updates, step)
-        judging = is_true & sch.verify
-        err, agree, undo = judge(judging, model, params, measured, value, state.anchor, cfg)
-        backoff, probing, step = back_off(sch, is_true & ~skipped, step)
-        # An undefined loss sends the iterate back to the last true iterate, which beats
-        # undoing to an anchor that may itself be the undefined point.
-        step, lost = retreat(skipped, value, state.buffers, params, step)
-        undo = undo & ~lost
-        step = optax.tree.where(
-            undo, optax.tree.cast_like(optax.tree.sub(state.anchor.params, params), step), step
-        )
-        base_state = optax.tree.where(undo, state.anchor.base_state, base_state)
-        disagree = judging & ~agree
-        # With `drift`, a phase that lowered the loss keeps going after a refit at once.
-        # After a retreat the learned flow takes over at once (where the base's own step
-        # just overshot into an undefined loss, repeating it would only do so again).
-        resume = lost
-        if (cfg.drift or cfg.resume_on_drop) and value is not None:
-            resume = resume | (disagree & ~undo & (jnp.asarray(value, dtype) < state.anchor.loss))
-        code = jnp.where(
-            skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
-        )
-        # 3. Record the pair (never a point that is being undone, nor a skipped step).
-        buffers = record(state.buffers, is_true & ~undo & ~skipped, params, measured)
-        # 4. The schedule; 5. the fit, once or never, where the next step starts.
-        nxt = schedule_step(sch, cfg, code, agree, undo, buffers.filled >= K, resume, err)
-        next_params = optax.tree.add(params, step)
-        model, fit_info = fit_model(
-            nxt.want_fit, model, info, buffers, next_params, step, measured, cfg
-        )
-        fit_ok = nxt.want_fit & (fit_info.status == OK)
-        fit_failed = nxt.want_fit & (fit_info.status != OK)
-        code = jnp.where(fit_failed, fit_info.status, code)
-        failed = nxt.failed | fit_failed
-        todo = jnp.where(fit_ok, nxt.length, nxt.todo)
-        todo = jnp.where(nxt.phase_over | fit_failed, cfg.refresh, todo)
-        loss = jnp.asarray(jnp.inf if value is None else value, dtype)
-        loss = jnp.where(jnp.isfinite(loss), loss, jnp.inf)  # unknown at a retreat
-        anchor = optax.tree.where(fit_ok, Anchor(next_params, base_state, loss), state.anchor)
-        kept = ~is_true & (code == OK)
-        new_state = VerifiedState(
-            schedule=Schedule(
-                phase=jnp.where(fit_ok, 1, jnp.where(nxt.phase_over, 0, sch.phase)).astype(
-                    jnp.int32
-                ),
-                todo=todo.astype(jnp.int32),
-                length=nxt.length,
-                horizon=nxt.horizon,
-                verify=nxt.phase_over,
-                count=sch.count + 1,
-                backoff=jnp.where(lost, jnp.minimum(backoff + 1, MAX_BACKOFF), backoff).astype(
-                    jnp.int32
-                ),
-                probing=probing & ~lost,
-            ),
-            base_state=base_state,
-            buffers=buffers,
-            model=model,
-            anchor=anchor,
-            info=fit_info._replace(
-                gradient_evaluations=info.gradient_evaluations + is_true,
-                accepted=info.accepted + kept,
-                rejected=info.rejected + (~is_true & (code != OK)),
-                fallbacks=info.fallbacks + failed,
-                status=jnp.where(failed, code, info.status).astype(jnp.int32),
-                verifications=info.verifications + judging,
-                verified=info.verified + agree,
-                flow_error=jnp.where(judging, err, info.flow_error),
-                ungated=info.ungated + ungated,
-            ),
-        )
-        return optax.tree.cast_like(step, updates), new_state
+    core = functools.partial(
+        verified_update,
+        surrogate_fn=surrogate_fn,
+        target_fn=target_fn,
+        cfg=cfg,
+        restore_fn=restore_fn,
+        host_warning=host_warning,
+    )
 
     jitted_update = jax.jit(lambda u, s, p, v: update(u, s, p, v, {}))
     # (optax types a state as an array tree; our NamedTuples are such trees.)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore
+
+
+def verified_update(
+    updates,
+    state,
+    params,
+    value,
+    extra_args,
+    base_update,
+    *,
+    surrogate_fn,
+    target_fn,
+    cfg,
+    restore_fn,
+    host_warning,
+):
+    """One update of the verified engine, in the engine's layout (`make_verified`)."""
+    K = cfg.fit.history_size
+    sch, model, info = state.schedule, state.model, state.info
+    dtype = model.coefficients.dtype
+    is_true = sch.phase == 0
+
+    # 1. The step: the base's true step (skipped if not finite), or the learned flow.
+    step, base_state, code, ungated = take_step(
+        updates, state, params, base_update, surrogate_fn, cfg, extra_args, restore_fn
+    )
+    if _simulated_devices():
+        host_warning(ungated)
+    skipped = is_true & (code == NONFINITE_GRADIENT)
+    # 2. The first true step after a phase judges it, for free.
+    measured = target_fn(updates, step)
+    judging = is_true & sch.verify
+    err, agree, undo = judge(judging, model, params, measured, value, state.anchor, cfg)
+    backoff, probing, step = back_off(sch, is_true & ~skipped, step)
+    # An undefined loss sends the iterate back to the last true iterate, which beats
+    # undoing to an anchor that may itself be the undefined point.
+    step, lost = retreat(skipped, value, state.buffers, params, step)
+    undo = undo & ~lost
+    step = optax.tree.where(
+        undo, optax.tree.cast_like(optax.tree.sub(state.anchor.params, params), step), step
+    )
+    base_state = optax.tree.where(undo, state.anchor.base_state, base_state)
+    disagree = judging & ~agree
+    # With `drift`, a phase that lowered the loss keeps going after a refit at once.
+    # After a retreat the learned flow takes over at once (where the base's own step
+    # just overshot into an undefined loss, repeating it would only do so again).
+    resume = lost
+    if (cfg.drift or cfg.resume_on_drop) and value is not None:
+        resume = resume | (disagree & ~undo & (jnp.asarray(value, dtype) < state.anchor.loss))
+    code = jnp.where(
+        skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
+    )
+    # 3. Record the pair (never a point that is being undone, nor a skipped step).
+    buffers = record(state.buffers, is_true & ~undo & ~skipped, params, measured)
+    # 4. The schedule; 5. the fit, once or never, where the next step starts.
+    nxt = schedule_step(sch, cfg, code, agree, undo, buffers.filled >= K, resume, err)
+    next_params = optax.tree.add(params, step)
+    model, fit_info = fit_model(
+        nxt.want_fit, model, info, buffers, next_params, step, measured, cfg
+    )
+    fit_ok = nxt.want_fit & (fit_info.status == OK)
+    fit_failed = nxt.want_fit & (fit_info.status != OK)
+    code = jnp.where(fit_failed, fit_info.status, code)
+    failed = nxt.failed | fit_failed
+    todo = jnp.where(fit_ok, nxt.length, nxt.todo)
+    todo = jnp.where(nxt.phase_over | fit_failed, cfg.refresh, todo)
+    loss = jnp.asarray(jnp.inf if value is None else value, dtype)
+    loss = jnp.where(jnp.isfinite(loss), loss, jnp.inf)  # unknown at a retreat
+    anchor = optax.tree.where(fit_ok, Anchor(next_params, base_state, loss), state.anchor)
+    kept = ~is_true & (code == OK)
+    new_state = VerifiedState(
+        schedule=Schedule(
+            phase=jnp.where(fit_ok, 1, jnp.where(nxt.phase_over, 0, sch.phase)).astype(jnp.int32),
+            todo=todo.astype(jnp.int32),
+            length=nxt.length,
+            horizon=nxt.horizon,
+            verify=nxt.phase_over,
+            count=sch.count + 1,
+            backoff=jnp.where(lost, jnp.minimum(backoff + 1, MAX_BACKOFF), backoff).astype(
+                jnp.int32
+            ),
+            probing=probing & ~lost,
+        ),
+        base_state=base_state,
+        buffers=buffers,
+        model=model,
+        anchor=anchor,
+        info=fit_info._replace(
+            gradient_evaluations=info.gradient_evaluations + is_true,
+            accepted=info.accepted + kept,
+            rejected=info.rejected + (~is_true & (code != OK)),
+            fallbacks=info.fallbacks + failed,
+            status=jnp.where(failed, code, info.status).astype(jnp.int32),
+            verifications=info.verifications + judging,
+            verified=info.verified + agree,
+            flow_error=jnp.where(judging, err, info.flow_error),
+            ungated=info.ungated + ungated,
+        ),
+    )
+    return optax.tree.cast_like(step, updates), new_state
 
 
 def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> VerifiedState:
