@@ -36,11 +36,12 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from ._pod import _explicit_spec
+from ._validate import _concrete
 
 
 def _spread(leaf) -> bool:
     """Whether `leaf` lives on several devices, not replicated (concrete arrays only)."""
-    if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
+    if not _concrete(leaf) or not isinstance(leaf, jax.Array):
         return False
     sharding = leaf.sharding
     return len(sharding.device_set) > 1 and not sharding.is_fully_replicated

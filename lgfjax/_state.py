@@ -12,6 +12,7 @@ from jaxtyping import Array, Float, Int
 
 from ._fit import STATUS_MESSAGES
 from ._fixed import LGFState
+from ._validate import _concrete
 from ._verified import UNGATED_WARNING, VerifiedState
 
 _STATES = (LGFState, VerifiedState)
@@ -92,7 +93,7 @@ def diagnostics(state) -> Diagnostics:
     shared = {f: getattr(s.info, f) for f in Diagnostics._fields if hasattr(s.info, f)}
     if isinstance(s, VerifiedState):
         ungated = s.info.ungated
-        if not isinstance(ungated, jax.core.Tracer) and int(ungated) > 0:
+        if _concrete(ungated) and int(ungated) > 0:
             # The compiled step has no host callback (it would keep JAX's persistent
             # compilation cache from storing the user's step), so the warning is here.
             warnings.warn(UNGATED_WARNING, UserWarning, stacklevel=2)

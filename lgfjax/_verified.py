@@ -111,6 +111,7 @@ from ._lgf import (
 )
 from ._library import library_size
 from ._pod import gathered, tree_lift, tree_project
+from ._validate import _concrete
 
 
 class Schedule(NamedTuple):
@@ -253,7 +254,7 @@ def _warn_if_ungated(before, after) -> None:
     if _simulated_devices():
         return  # the compiled step warns itself
     grew = after.info.ungated > before.info.ungated
-    if not isinstance(grew, jax.core.Tracer) and bool(grew):
+    if _concrete(grew) and bool(grew):
         warnings.warn(UNGATED_WARNING, UserWarning, stacklevel=3)
 
 
