@@ -220,7 +220,7 @@ def _simulated_devices() -> bool:
 
     There, a step whose conditionals hold collectives (sharded parameters) can deadlock
     when nothing orders its execution (jaxlib 0.10: 2 of 18 runs of the sharding guide's
-    example under load, none in 12 with a host callback in the step). Such steps keep
+    example under load, none in 26 with a host callback in the step). Such steps keep
     the ungated-gradient warning as a host callback, which orders them; everywhere else
     the step has none, so that JAX's persistent compilation cache can store it.
     """
