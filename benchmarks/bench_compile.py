@@ -179,7 +179,6 @@ def breakdown(params, loss, repeats):
         "retreat": {"retreat": lambda _s, _v, _b, _p, step: (step, false)},
         "record (ring buffer)": {"record": lambda buf, when, params, measured: buf},
         "fit_model (fit, once or never)": {"fit_model": lambda w, m, i, *a: (m, i)},
-        "ungated-gradient warning": {"_once_per_run_warning": lambda: lambda flag: None},
     }
     originals = {k: getattr(V, k) for patch in no_ops.values() for k in patch}
     best: dict[str, tuple] = {}

@@ -249,13 +249,74 @@ def test_wide_problem_uses_dual_path_and_kernel_loop(monkeypatch):
     def forbidden(*args):
         raise AssertionError("P > N must not take the primal (P x P) path")
 
+    calls = []
+    dual = _stlsq._dual_solve
+
+    def counted(*args):
+        calls.append(args[3])
+        return dual(*args)
+
     monkeypatch.setattr(_stlsq, "_primal_solve", forbidden)
+    monkeypatch.setattr(_stlsq, "_svd_solve", forbidden)
+    monkeypatch.setattr(_stlsq, "_dual_solve", counted)
+    # Small fits take the SVD route; switch it off to reach the kernel form.
+    monkeypatch.setattr(_stlsq, "_SVD_WORK_LIMIT", 0)
     # Also force the one-target-at-a-time kernel construction used for large P N^2.
     monkeypatch.setattr(_stlsq, "_DUAL_TABLE_LIMIT", 0)
     fresh = jax.jit(functools.partial(lgfjax.stlsq, threshold=0.2, alpha=0.05))
     # Kernel form against pysindy's primal form; the unbiased refit is least squares on
     # the support, ~kappa(x[:, S])^2 eps64 |c| apart.
     np.testing.assert_allclose(fresh(x[0], y[0]), ref, rtol=0, atol=_gram_tol(x[0], ref))
+    assert 0.05 in calls and None in calls  # ridge steps and the refit both traced here
+
+
+_svd = jax.jit(_stlsq._svd_solve, static_argnums=3)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("n_rows, n_feat", [(6, 15), (20, 8)])
+@pytest.mark.parametrize("alpha", [0.3, None], ids=["ridge", "minnorm"])
+def test_svd_solve_equals_normal_equations(n_rows, n_feat, alpha):
+    rng = np.random.default_rng(100 + n_rows)
+    x = perturb(jnp.asarray(rng.normal(size=(n_rows, n_feat))))
+    y = perturb(jnp.asarray(rng.normal(size=(n_rows, 3))))
+    masks = rng.random((3, n_feat)) < 0.6
+    masks[:, 0] = True
+    masks[1] = False  # one target with an empty support
+    masks[2] = True  # one target on the full library
+    got = np.asarray(_svd(x, y, jnp.asarray(masks), alpha))
+    # Exact: masked-out coefficients are multiplied by a zero mask.
+    assert np.all(got[~masks] == 0)
+    gram = _dual if n_feat > n_rows else _primal
+    ref = np.asarray(gram(x, y, jnp.asarray(masks), alpha))
+    # The SVD route carries ~kappa eps64 |w| of rounding, the Gram / kernel forms
+    # ~kappa^2 eps64 |w|: they agree to the larger bound.
+    kappa = max(np.linalg.cond(np.asarray(x)[:, m]) for m in masks if m.any())
+    tol = 100 * kappa**2 * EPS64 * max(np.abs(ref).max(), 1.0)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+
+
+def test_small_fits_take_the_svd_route(monkeypatch):
+    def forbidden(*args):
+        raise AssertionError("a small fit must not take the Gram / kernel forms")
+
+    monkeypatch.setattr(_stlsq, "_primal_solve", forbidden)
+    monkeypatch.setattr(_stlsq, "_dual_solve", forbidden)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(30, 10)))
+    coef = np.zeros((10, 2))
+    coef[[1, 4], 0] = [1.5, -2.0]
+    coef[[0, 7], 1] = [0.7, 3.0]
+    y = x @ jnp.asarray(coef)
+    fit = jax.jit(lambda a: lgfjax.stlsq(x, y, threshold=0.1, alpha=a))
+    # A traced alpha of 0 is plain least squares: zero singular values of masked-out
+    # columns must give zero terms, not 0 / 0.
+    for alpha in (0.05, 0.0):
+        got = np.asarray(fit(alpha))
+        # Noise-free data with a well-conditioned library: STLSQ recovers the support
+        # exactly and the refit's coefficients to ~kappa eps64 |c| (kappa ~ 2 here).
+        np.testing.assert_array_equal(got != 0, coef != 0)
+        np.testing.assert_allclose(got, coef, rtol=0, atol=1e3 * EPS64 * 3.0)
 
 
 # --- JAX transformations and dtypes ----------------------------------------------
