@@ -11,7 +11,8 @@ from jaxtyping import Array, Float, Int
 
 from ._derivatives import strong_form, weak_form
 from ._library import polynomial_library
-from ._pod import gathered, gram_modes, tree_basis, tree_gram, tree_project_rows
+from ._pod import gram_modes, tree_basis, tree_gram, tree_project_rows
+from ._sharding import gathered
 from ._stlsq import stlsq
 
 

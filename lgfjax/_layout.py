@@ -35,7 +35,7 @@ import jax
 import optax
 from jax.flatten_util import ravel_pytree
 
-from ._pod import _explicit_spec
+from ._sharding import explicit_spec
 from ._validate import _concrete
 
 
@@ -52,7 +52,7 @@ def flat_layout(params) -> bool:
     leaves = jax.tree_util.tree_leaves(params)
     if len(leaves) < 2 or len({jax.numpy.result_type(x) for x in leaves}) > 1:
         return False
-    return not any(_explicit_spec(x) is not None or _spread(x) for x in leaves)
+    return not any(explicit_spec(x) is not None or _spread(x) for x in leaves)
 
 
 def init_in_layout(init_state: Callable, base_init: Callable, params, elementwise: bool = False):

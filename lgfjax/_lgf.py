@@ -15,7 +15,8 @@ from ._fit import (
     FitConfig,
 )
 from ._flow import RK4, PolynomialFlow, integrate_span
-from ._pod import gathered, placed_like, tree_lift, tree_project
+from ._pod import tree_lift, tree_project
+from ._sharding import gathered, placed_like
 from ._validate import (
     _concrete,
     check_bool,

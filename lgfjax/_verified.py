@@ -110,7 +110,8 @@ from ._lgf import (
     zero_info,
 )
 from ._library import library_size
-from ._pod import gathered, tree_lift, tree_project
+from ._pod import tree_lift, tree_project
+from ._sharding import gathered
 from ._validate import _concrete
 
 
