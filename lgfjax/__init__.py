@@ -7,7 +7,6 @@ from ._derivatives import (
     test_functions as test_functions,
     weak_form as weak_form,
 )
-from ._fit import STATUS_MESSAGES as STATUS_MESSAGES, Status as Status
 from ._fixed import LGFState as LGFState
 from ._flow import RK4 as RK4, PolynomialFlow as PolynomialFlow
 from ._lgf import lgf as lgf
@@ -33,6 +32,7 @@ from ._state import (
     status_message as status_message,
     value_and_grad as value_and_grad,
 )
+from ._status import STATUS_MESSAGES as STATUS_MESSAGES, Status as Status
 from ._stlsq import stlsq as stlsq
 from ._validate import static_args as static_args
 from ._verified import VerifiedState as VerifiedState

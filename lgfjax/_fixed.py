@@ -29,15 +29,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._fit import (
-    NONFINITE_STEP,
-    OK,
-    SOLVER_FAILED,
-    STEP_TOO_LARGE,
-    VALUE_REJECTED,
-    FitConfig,
-    fit_flow,
-)
+from ._fit import FitConfig, fit_flow
 from ._flow import PolynomialFlow
 from ._layout import init_in_layout, is_flat, update_in_layout
 from ._lgf import (
@@ -51,6 +43,7 @@ from ._lgf import (
     zero_info,
 )
 from ._library import library_size
+from ._status import NONFINITE_STEP, OK, SOLVER_FAILED, STEP_TOO_LARGE, VALUE_REJECTED
 
 
 class CycleSchedule(NamedTuple):

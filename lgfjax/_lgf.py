@@ -11,9 +11,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from ._derivatives import FD_ORDERS
-from ._fit import (
-    FitConfig,
-)
+from ._fit import FitConfig
 from ._flow import RK4, PolynomialFlow, integrate_span
 from ._pod import tree_lift, tree_project
 from ._sharding import gathered, placed_like

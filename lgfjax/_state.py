@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ._fit import STATUS_MESSAGES
 from ._fixed import LGFState
+from ._status import STATUS_MESSAGES
 from ._validate import _concrete
 from ._verified import UNGATED_WARNING, VerifiedState
 

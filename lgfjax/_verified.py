@@ -86,17 +86,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._fit import (
-    FLOW_DISAGREED,
-    LOSS_ROSE,
-    NONFINITE_GRADIENT,
-    NONFINITE_STEP,
-    OK,
-    SOLVER_FAILED,
-    STEP_TOO_LARGE,
-    FitConfig,
-    fit_pairs,
-)
+from ._fit import FitConfig, fit_pairs
 from ._flow import PolynomialFlow
 from ._layout import init_in_layout, is_flat, update_in_layout
 from ._lgf import (
@@ -112,6 +102,15 @@ from ._lgf import (
 from ._library import library_size
 from ._pod import tree_lift, tree_project
 from ._sharding import gathered
+from ._status import (
+    FLOW_DISAGREED,
+    LOSS_ROSE,
+    NONFINITE_GRADIENT,
+    NONFINITE_STEP,
+    OK,
+    SOLVER_FAILED,
+    STEP_TOO_LARGE,
+)
 from ._validate import _concrete
 
 

@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from problems import Problem, perturb, quadratic, rosenbrock, run
 
 import lgfjax
-from lgfjax import _fit
 
 
 def _advance(opt, loss, x, s, steps):
@@ -32,7 +31,7 @@ def test_constant_trajectory_falls_back_with_empty_model():
     x, s = _advance(opt, problem.loss, x0, opt.init(x0), K + 1)
     # Exact, not rounding: at x = 0 the gradient d * 0 is exactly zero, so every iterate
     # and target is exactly zero and STLSQ's coefficients are exact zeros.
-    assert int(s.info.status) == _fit.EMPTY_MODEL
+    assert int(s.info.status) == lgfjax.Status.EMPTY_MODEL
     assert int(s.phase) == 0 and bool(lgfjax.needs_gradient(s))
     np.testing.assert_array_equal(x, x0)
     x, s = _advance(opt, problem.loss, x, s, M - K - 1)
@@ -59,7 +58,7 @@ def test_non_finite_trajectory_is_refused(rank, poison):
     opt, problem, x, s = _state_before_fit(rank)
     s = s._replace(window=s.window._replace(trajectory=s.window.trajectory.at[2, 1].set(poison)))
     u, s = jax.jit(opt.update)(jnp.zeros_like(x), s, x)
-    assert int(s.info.status) == _fit.NONFINITE_TRAJECTORY
+    assert int(s.info.status) == lgfjax.Status.NONFINITE_TRAJECTORY
     # Exact: a refused step is a zero update by construction.
     np.testing.assert_array_equal(u, jnp.zeros_like(x))
     assert bool(jnp.all(jnp.isfinite(s.model.coefficients)))
@@ -69,7 +68,7 @@ def test_non_finite_trajectory_is_refused(rank, poison):
 @pytest.mark.numerics
 @pytest.mark.parametrize(
     "scale, expected",
-    [(1e3, _fit.STEP_TOO_LARGE), (1e200, _fit.NONFINITE_STEP)],
+    [(1e3, lgfjax.Status.STEP_TOO_LARGE), (1e200, lgfjax.Status.NONFINITE_STEP)],
 )
 def test_exploding_flow_is_refused(scale, expected):
     opt, problem, x, s = _state_before_fit()
@@ -77,7 +76,7 @@ def test_exploding_flow_is_refused(scale, expected):
     u, s = update(jnp.zeros_like(x), s, x)  # a good fit and one surrogate step
     # GD on a quadratic has a linear flow, fitted to rounding; its first step (|u| = 0.085)
     # is well inside the trust region (0.31): not a rounding decision.
-    assert int(s.info.status) == _fit.OK and int(s.phase) == 1
+    assert int(s.info.status) == lgfjax.Status.OK and int(s.phase) == 1
     x = x + u
     # Replace the learned flow by a violently unstable one.
     s = s._replace(model=s.model._replace(coefficients=scale * jnp.abs(s.model.coefficients)))
@@ -105,7 +104,7 @@ def test_step_bound_none_disables_trust_region():
     s = s._replace(model=s.model._replace(coefficients=1e3 * jnp.abs(s.model.coefficients)))
     u, s = jax.jit(opt.update)(jnp.zeros_like(x), s, x)
     # The amplified flow steps ~1e8 here (the iterates are ~0.4): no rounding margin needed.
-    assert int(s.info.status) == _fit.OK and float(jnp.linalg.norm(u)) > 1.0
+    assert int(s.info.status) == lgfjax.Status.OK and float(jnp.linalg.norm(u)) > 1.0
 
 
 @pytest.mark.numerics
@@ -127,7 +126,7 @@ def test_value_checks_roll_back_a_poor_flow():
     assert bool(jnp.all(jnp.isfinite(params)))
     d = lgfjax.diagnostics(state)
     # Measured: 10 of the phases' checks rejected (the last phase among them), 27 values.
-    assert int(d.rejected) > 0 and int(d.status) == _fit.VALUE_REJECTED
+    assert int(d.rejected) > 0 and int(d.status) == lgfjax.Status.VALUE_REJECTED
     assert int(d.value_evaluations) > 0
     # Plain gradient descent for the same number of gradient evaluations, as a yardstick:
     # the safeguarded run must not end worse than the gradient descent it replaces
@@ -168,7 +167,7 @@ def test_value_check_rollback_restores_anchor():
     tol = np.finfo(np.float64).eps * float(jnp.max(jnp.abs(anchor)))
     np.testing.assert_allclose(x, anchor, rtol=0, atol=tol)
     assert (
-        int(s.info.status) == _fit.VALUE_REJECTED
+        int(s.info.status) == lgfjax.Status.VALUE_REJECTED
         and int(s.info.rejected) == 3
         and int(s.phase) == 0
     )

@@ -13,7 +13,8 @@ import pytest
 from problems import perturb, quadratic, run
 
 import lgfjax
-from lgfjax._fit import EMPTY_MODEL, OK, FitConfig, fit_flow
+from lgfjax._fit import FitConfig, fit_flow
+from lgfjax._status import EMPTY_MODEL, OK
 
 
 def config(threshold, relative):
