@@ -18,8 +18,12 @@ With `--persistent-cache`, the timed runs are reruns with JAX's persistent compi
 cache (`jax_compilation_cache_dir`) warm, as when a script is run again unchanged:
 XLA compilation is then loaded from disk, tracing is still paid.
 
+With `--fast-compile`, every timed process (base and LGF alike) runs with
+``XLA_FLAGS=--xla_backend_optimization_level=0``: XLA's CPU backend then spends less
+time optimising the generated code, which trades run time for compile time.
+
     python benchmarks/bench_wall.py [--rounds 2] [--only deep_energy|topology]
-                                    [--persistent-cache]
+                                    [--persistent-cache] [--fast-compile]
 """
 
 import argparse
@@ -130,8 +134,13 @@ def child(case: str, name: str, n: int) -> None:
     print(json.dumps(timed(name, n)))
 
 
-def in_fresh_process(case: str, name: str, n: int, cache: str | None = None) -> tuple:
+def in_fresh_process(
+    case: str, name: str, n: int, cache: str | None = None, fast_compile: bool = False
+) -> tuple:
     env = dict(os.environ)
+    if fast_compile:
+        flags = env.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
     if cache:
         # JAX's persistent compilation cache: a rerun loads the compiled step from disk.
         env["JAX_COMPILATION_CACHE_DIR"] = cache
@@ -160,6 +169,11 @@ def main(argv=None):
         help="time reruns with JAX's persistent compilation cache warm (a first, untimed "
         "run of each fills a fresh cache directory)",
     )
+    parser.add_argument(
+        "--fast-compile",
+        action="store_true",
+        help="run every timed process with XLA_FLAGS=--xla_backend_optimization_level=0",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -181,12 +195,12 @@ def main(argv=None):
             if cache:
                 for name, n in need.items():
                     if n is not None:
-                        in_fresh_process(key, name, n, cache)
+                        in_fresh_process(key, name, n, cache, args.fast_compile)
             for _ in range(args.rounds):
                 for name, n in need.items():
                     if n is None:
                         continue
-                    out = in_fresh_process(key, name, n, cache)
+                    out = in_fresh_process(key, name, n, cache, args.fast_compile)
                     best[name] = min(best.get(name, out), out)
             for name, n in need.items():
                 if n is None:
