@@ -157,7 +157,7 @@ def _svd_solve(x, y, masks, alpha):
     of `x` itself, not the squares a Gram or kernel matrix holds, so float32 keeps terms
     down to ~eps * P of the largest. Zero columns give zero coefficients exactly (their
     rows of ``V`` pair with zero singular values only, and the mask zeroes them anyway).
-    One LAPACK routine serves every solve of the fit, which keeps the compiled program
+    One LAPACK routine (gesvd) serves every solve of STLSQ, which keeps the compiled program
     small; `_masked_solve` takes it while an SVD per target is cheap.
     """
     fm = masks.astype(x.dtype)
