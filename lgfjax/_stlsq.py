@@ -57,14 +57,11 @@ def _primal_solve(x, y, masks, alpha):
 
     ``x``: (N, P), ``y``: (N, d), ``masks``: (d, P). Returns (d, P).
     """
-    fm = masks.astype(x.dtype)
     if alpha is None:
         # Unregularised refit: SVD least squares on the masked columns gives the
         # minimum-norm solution, which is exactly zero on the masked-out columns.
-        def minnorm(m, yj):
-            return m * _lstsq(x * m, yj)
-
-        return _per_target(minnorm, fm, y.T)
+        return _svd_solve(x, y, masks, None)
+    fm = masks.astype(x.dtype)
     gram = x.T @ x
     rhs = x.T @ y
 
@@ -176,10 +173,13 @@ def _svd_solve(x, y, masks, alpha):
     return _per_target(one, fm, y.T)
 
 
-# An SVD of the (N, P) masked library per target costs ~ max(N, P) min(N, P)^2; up to
-# this size the SVD route is as fast as the Gram / kernel solves (microseconds) and
-# compiles to a smaller program. Larger fits keep the LU (primal) or kernel (dual) form.
-_SVD_WORK_LIMIT = 2**18
+# An SVD of the (N, P) masked library per target costs ~ max(N, P) min(N, P)^2 and runs
+# about 2x slower than the Gram / kernel solves at LGF's POD sizes (a whole STLSQ fit,
+# float64, 5 targets: 112 vs 58 us at N, P = 10, 6; 273 vs 127 us at 9, 15), paid once
+# per fit, for a smaller compiled fit. Larger fits fall further behind (11.3 vs 2.0 ms
+# at 64, 64), so they, and full-space fits (P = n + 1), keep the LU (primal) or kernel
+# (dual) form.
+_SVD_WORK_LIMIT = 2**12
 
 
 def _masked_solve(x, y, masks, alpha):
