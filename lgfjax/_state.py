@@ -237,13 +237,20 @@ def when_needed(fn: Callable) -> Callable:
     """
 
     def wrapped(params, state, *args, **kwargs):
+        traced = []  # the shapes `evaluate` returned, so that `fn` is traced once
+
         def evaluate(operands):
             p, a, k = operands
-            return fn(p, *a, **k)
+            out = fn(p, *a, **k)
+            traced.append(
+                jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), out)
+            )
+            return out
 
         def skip(operands):
             p, a, k = operands
-            value_shapes, result_shapes = jax.eval_shape(fn, p, *a, **k)
+            # `lax.cond` traces `evaluate` first; should it not, `fn` is traced again.
+            value_shapes, result_shapes = traced[-1] if traced else jax.eval_shape(fn, p, *a, **k)
             value = jax.tree_util.tree_map(lambda s: _placeholder(s, jnp.nan), value_shapes)
             result = jax.tree_util.tree_map(lambda s: _placeholder(s, 0.0), result_shapes)
             return value, result

@@ -106,6 +106,35 @@ def test_skipped_evaluation_is_nan_and_zeros():
         assert float(jnp.max(jnp.abs(a - b))) <= 32 * eps * 10 * float(jnp.max(jnp.abs(b)))
 
 
+@pytest.mark.parametrize("gate", ["value_and_grad", "filter_value_and_grad"])
+def test_objective_is_traced_once_per_step(gate):
+    # The skipped branch takes its shapes from the evaluated one instead of tracing the
+    # objective again (`jax.eval_shape`): a user's objective costs one trace per step.
+    model, x, y, loss = setup()
+    traces = []
+
+    def counted(model, x, y):
+        traces.append(None)
+        return loss(model, x, y)
+
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1)
+    evaluate = getattr(lgfjax, gate)(counted)
+    if gate == "value_and_grad":
+        static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+        evaluate = lgfjax.value_and_grad(lambda p, x, y: counted(eqx.combine(p, static), x, y))
+
+    def step(p, s):
+        m = p if gate == "value_and_grad" else eqx.combine(p, model)
+        value, grads = evaluate(m, s, x, y)
+        grads = eqx.filter(grads, eqx.is_inexact_array)
+        updates, s = opt.update(grads, s, p, value=value)
+        return optax.apply_updates(p, updates), s
+
+    jax.jit(step).lower(params, opt.init(params))
+    assert len(traces) == 1
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("kind", ["lgf", "lgf_adam"])
 def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
