@@ -31,7 +31,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from ._fit import FitConfig, fit_flow
 from ._flow import PolynomialFlow
-from ._layout import init_in_layout, is_flat, update_in_layout
+from ._layout import compiled_init, init_in_layout, is_flat, update_in_layout
 from ._lgf import (
     SurrogateModel,
     _fit_dtype,
@@ -135,6 +135,7 @@ def make_transformation(
     K = cfg.fit.history_size
     checking = cfg.check_every is not None
 
+    @compiled_init
     def init_fn(params):
         return init_in_layout(
             lambda p, base_state: init_state(p, base_state, cfg, record_gradients, buffer_dtype),

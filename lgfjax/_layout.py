@@ -32,6 +32,7 @@ layouts agree to rounding.
 from collections.abc import Callable
 
 import jax
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -53,6 +54,33 @@ def flat_layout(params) -> bool:
     if len(leaves) < 2 or len({jax.numpy.result_type(x) for x in leaves}) > 1:
         return False
     return not any(explicit_spec(x) is not None or _spread(x) for x in leaves)
+
+
+def _on_one_device(leaf) -> bool:
+    """A host value, or a concrete array on one device (no placement for `jit` to lose)."""
+    if isinstance(leaf, jax.Array):
+        return _concrete(leaf) and len(leaf.sharding.device_set) == 1
+    return isinstance(leaf, int | float | complex | np.ndarray | np.generic)
+
+
+def compiled_init(init_fn: Callable) -> Callable:
+    """`init_fn`, run as one compiled program when called eagerly on one device.
+
+    Op by op, an engine's ``init`` compiles a kernel per distinct buffer shape (0.13-0.16 s
+    on the examples, against 0.07 s for the one program). The values are the same
+    (zeros and copies), and every output is its own buffer, so the state can still be
+    donated. Sharded parameters and tracers (an ``init`` inside the user's `jit`) take
+    `init_fn` itself: placement decides the layout, and a `jit` would hide it.
+    """
+    jitted = jax.jit(init_fn)
+
+    def init(params):
+        leaves = jax.tree_util.tree_leaves(params)
+        if leaves and all(_on_one_device(x) for x in leaves):
+            return jitted(params)
+        return init_fn(params)
+
+    return init
 
 
 def init_in_layout(init_state: Callable, base_init: Callable, params, elementwise: bool = False):

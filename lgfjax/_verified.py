@@ -88,7 +88,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._fit import FitConfig, fit_pairs
 from ._flow import PolynomialFlow
-from ._layout import init_in_layout, is_flat, update_in_layout
+from ._layout import compiled_init, init_in_layout, is_flat, update_in_layout
 from ._lgf import (
     SurrogateModel,
     _fit_dtype,
@@ -293,6 +293,7 @@ def make_verified(
     models); `surrogate_fn(model, params, base_state, dtype)` is one surrogate step.
     """
 
+    @compiled_init
     def init_fn(params):
         return init_in_layout(
             lambda p, base_state: init_state(p, base_state, cfg, buffer_dtype),

@@ -115,3 +115,21 @@ def test_value_fn_sees_the_users_pytree():
     params, state, losses = run(opt, problem, 30, value_fn=True)
     assert int(state.info.value_evaluations) > 0
     assert np.all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("kind", list(_optimisers(0.1)))
+def test_eager_init_is_one_program_with_the_same_state(kind, monkeypatch):
+    # `compiled_init` runs an eager `init` as one compiled program: the same zeros and
+    # copies as op by op (bitwise), each its own buffer (so the state can be donated).
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    state = _optimisers(0.1)[kind]().init(params)
+    calls = []
+    monkeypatch.setattr(_layout, "_on_one_device", lambda x: calls.append(x) and False)
+    eager = _optimisers(0.1)[kind]().init(params)  # built afresh: op by op
+    assert calls
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(eager)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(eager)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree_util.tree_leaves((state, params))]
+    assert len(set(pointers)) == len(pointers)
