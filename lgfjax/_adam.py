@@ -46,12 +46,13 @@ def adam_base(learning_rate, b1, b2, eps, amsgrad: bool):
     """
 
     def init(params):
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        # Each moment its own arrays (one shared zeros tree could not be donated).
+        zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)  # noqa: E731
         return AdamState(
             count=jnp.zeros((), jnp.int32),
-            mu=zeros,
-            nu=zeros,
-            nu_max=zeros if amsgrad else None,
+            mu=zeros(),
+            nu=zeros(),
+            nu_max=zeros() if amsgrad else None,
         )
 
     def update(grads, state, params=None, **extra_args):

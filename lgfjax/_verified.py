@@ -443,6 +443,10 @@ def verified_update(
     return optax.tree.cast_like(step, updates), new_state
 
 
+def _copy(tree):
+    return jax.tree_util.tree_map(lambda x: jnp.array(x) if isinstance(x, jax.Array) else x, tree)
+
+
 def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> VerifiedState:
     """The state before the first update: K true steps to take, empty buffers."""
     fit_cfg, K = cfg.fit, cfg.fit.history_size
@@ -487,7 +491,8 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
             ),
             out_basis=buffer(r, dtype) if cfg.target_basis and rank is not None else None,
         ),
-        anchor=Anchor(jax.tree_util.tree_map(jnp.array, params), base_state, zero_f() + jnp.inf),
+        # Copies, not the arrays `params` and `base_state` hold: a state can be donated.
+        anchor=Anchor(_copy(params), _copy(base_state), zero_f() + jnp.inf),
         info=zero_info(VerifiedInfo, dtype),
     )
 
