@@ -47,12 +47,11 @@ def adam_base(learning_rate, b1, b2, eps, amsgrad: bool):
 
     def init(params):
         # Each moment its own arrays (one shared zeros tree could not be donated).
-        zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)  # noqa: E731
         return AdamState(
             count=jnp.zeros((), jnp.int32),
-            mu=zeros(),
-            nu=zeros(),
-            nu_max=zeros() if amsgrad else None,
+            mu=optax.tree.zeros_like(params),
+            nu=optax.tree.zeros_like(params),
+            nu_max=optax.tree.zeros_like(params) if amsgrad else None,
         )
 
     def update(grads, state, params=None, **extra_args):

@@ -7,10 +7,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ._fixed import LGFState
+from ._layout import HOST_VALUES, jit_when
 from ._status import STATUS_MESSAGES
 from ._validate import _concrete
 from ._verified import UNGATED_WARNING, VerifiedState
@@ -207,9 +207,6 @@ def _cached(fun, key, make):
     return per_fun[key]
 
 
-_JAX_SCALARS = (int, float, complex, bool, np.generic, np.ndarray, jax.Array)
-
-
 def _jit_if_arrays(fn: Callable) -> Callable:
     """`fn` through a cached `jax.jit` when every argument leaf is an array or number.
 
@@ -217,15 +214,7 @@ def _jit_if_arrays(fn: Callable) -> Callable:
     `lax.cond` (tens of milliseconds); inside a user's `jit` it is inlined. Other
     leaves (strings, callables) go to `fn` directly.
     """
-    jitted = jax.jit(fn)
-
-    def call(*args, **kwargs):
-        leaves = jax.tree_util.tree_leaves((args, kwargs))
-        if all(isinstance(x, _JAX_SCALARS) for x in leaves):
-            return jitted(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return call
+    return jit_when(fn, lambda leaf: isinstance(leaf, (*HOST_VALUES, jax.Array)))
 
 
 def when_needed(fn: Callable) -> Callable:

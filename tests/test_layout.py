@@ -122,7 +122,13 @@ def test_eager_init_is_one_program_with_the_same_state(kind, monkeypatch):
     # `compiled_init` runs an eager `init` as one compiled program: the same zeros and
     # copies as op by op (bitwise), each its own buffer (so the state can be donated).
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    taken = []  # the compiled path's decision, leaf by leaf
+    on_one_device = _layout._on_one_device
+    monkeypatch.setattr(
+        _layout, "_on_one_device", lambda x: taken.append(on_one_device(x)) or taken[-1]
+    )
     state = _optimisers(0.1)[kind]().init(params)
+    assert taken and all(taken)  # every leaf on one device: the jitted init ran
     calls = []
     monkeypatch.setattr(_layout, "_on_one_device", lambda x: calls.append(x) and False)
     eager = _optimisers(0.1)[kind]().init(params)  # built afresh: op by op
