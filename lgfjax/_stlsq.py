@@ -38,6 +38,12 @@ def _per_target(fn, *args):
     )
 
 
+def _pinv_factor(s, shape, dtype):
+    """``1 / s`` above `jnp.linalg.lstsq`'s cut (eps * max(M, N) * s_max), else 0."""
+    cut = jnp.finfo(dtype).eps * max(shape) * s[0]
+    return jnp.where(s > cut, 1.0 / jnp.where(s > cut, s, 1.0), 0.0)
+
+
 def _lstsq(a, b):
     """Minimum-norm least squares with `jnp.linalg.lstsq`'s cut (eps * max(M, N)).
 
@@ -45,8 +51,7 @@ def _lstsq(a, b):
     on the numerically rank-deficient matrices that polynomial libraries produce.
     """
     u, s, vt = jax.lax.linalg.svd(a, full_matrices=False, algorithm=jax.lax.linalg.SvdAlgorithm.QR)
-    cut = jnp.finfo(a.dtype).eps * max(a.shape) * s[0]
-    inv = jnp.where(s > cut, 1.0 / jnp.where(s > cut, s, 1.0), 0.0)
+    inv = _pinv_factor(s, a.shape, a.dtype)
     if b.ndim == 2:
         inv = inv[:, None]
     return vt.T @ (inv * (u.T @ b))
@@ -146,7 +151,7 @@ def _dual_solve(x, y, masks, alpha):
     return fm * (z @ x)
 
 
-def _svd_solve(x, y, masks, alpha):
+def _svd_solve(x, y, masks, alpha, refit=None):
     """`_primal_solve` / `_dual_solve` through one SVD of each masked library.
 
     With ``X_m = U S V^T``, ridge is ``V diag(s / (s^2 + alpha)) U^T y`` and the
@@ -155,20 +160,26 @@ def _svd_solve(x, y, masks, alpha):
     down to ~eps * P of the largest. Zero columns give zero coefficients exactly (their
     rows of ``V`` pair with zero singular values only, and the mask zeroes them anyway).
     One LAPACK routine (gesvd) serves every solve of STLSQ, which keeps the compiled program
-    small; `_masked_solve` takes it while an SVD per target is cheap.
+    small; `_masked_solve` takes it while an SVD per target is cheap. With a traced
+    `refit`, the same solve is the ridge fit (False) or the unregularised refit (True),
+    so `stlsq` compiles one solve for both.
     """
     fm = masks.astype(x.dtype)
 
     def one(m, yj):
-        if alpha is None:
-            return m * _lstsq(x * m, yj)
         u, s, vt = jax.lax.linalg.svd(
             x * m, full_matrices=False, algorithm=jax.lax.linalg.SvdAlgorithm.QR
         )
-        # A traced ``alpha == 0`` meets zero singular values of masked-out columns:
-        # their terms are 0, not 0 / 0.
-        den = s * s + alpha
-        return m * (vt.T @ (s / jnp.where(den > 0, den, 1.0) * (u.T @ yj)))
+        if alpha is None:
+            factor = _pinv_factor(s, x.shape, x.dtype)
+        else:
+            # A traced ``alpha == 0`` meets zero singular values of masked-out columns:
+            # their terms are 0, not 0 / 0.
+            den = s * s + alpha
+            factor = s / jnp.where(den > 0, den, 1.0)
+            if refit is not None:
+                factor = jnp.where(refit, _pinv_factor(s, x.shape, x.dtype), factor)
+        return m * (vt.T @ (factor * (u.T @ yj)))
 
     return _per_target(one, fm, y.T)
 
@@ -182,9 +193,14 @@ def _svd_solve(x, y, masks, alpha):
 _SVD_WORK_LIMIT = 2**12
 
 
+def _svd_sized(shape) -> bool:
+    n_rows, n_feat = shape
+    return max(n_rows, n_feat) * min(n_rows, n_feat) ** 2 <= _SVD_WORK_LIMIT
+
+
 def _masked_solve(x, y, masks, alpha):
     n_rows, n_feat = x.shape
-    if max(n_rows, n_feat) * min(n_rows, n_feat) ** 2 <= _SVD_WORK_LIMIT:
+    if _svd_sized(x.shape):
         return _svd_solve(x, y, masks, alpha)
     solve = _dual_solve if n_feat > n_rows else _primal_solve
     return solve(x, y, masks, alpha)
@@ -258,27 +274,45 @@ def stlsq(
     # needs no kernel, whose squared condition number float32 could not hold).
     initial = _lstsq(x, y).T
 
+    # Small fits take the unbiasing refit as one more pass of the loop, through the
+    # same SVD solve: the compiled program holds one solve, not two.
+    refit_in_loop = unbias and _svd_sized(x.shape)
+
     def cond(carry):
-        k, _, _, done = carry
-        return (k < max_iter) & ~done
+        k, _, _, done, refitted = carry
+        thresholding = (k < max_iter) & ~done
+        return thresholding | (refit_in_loop & ~refitted)
 
     def body(carry):
-        k, masks, previous, _ = carry
-        coef = _masked_solve(x, y, masks, ridge_alpha)
-        big = jnp.abs(coef) >= threshold
+        k, masks, previous, done, _ = carry
+        if refit_in_loop:
+            refit = ~((k < max_iter) & ~done)
+            support = jnp.where(refit, jnp.abs(previous) > _NONZERO, masks)
+            solved = _svd_solve(x, y, support, ridge_alpha, refit)
+        else:
+            refit = jnp.asarray(False)
+            solved = _masked_solve(x, y, masks, ridge_alpha)
+        big = jnp.abs(solved) >= threshold
         # A target whose support is already empty is skipped and keeps it.
         empty = ~jnp.any(masks, axis=1, keepdims=True)
         new_masks = jnp.where(empty, masks, big)
-        coef = jnp.where(big & ~empty, coef, 0.0)
+        coef = jnp.where(big & ~empty, solved, 0.0)
         nothing_dropped = jnp.sum(new_masks) == n_feat * n_targets
         same_support = jnp.all((coef != 0) == (previous != 0))
-        done = nothing_dropped | same_support | ~jnp.any(masks)
-        return k + 1, new_masks, coef, done
+        stop = nothing_dropped | same_support | ~jnp.any(masks)
+        return (
+            jnp.where(refit, k, k + 1),
+            jnp.where(refit, masks, new_masks),
+            jnp.where(refit, solved, coef),
+            jnp.where(refit, done, stop),
+            refit,
+        )
 
-    carry = (jnp.asarray(0, jnp.int32), all_masks, initial, jnp.asarray(False))
-    _, _, coef, _ = jax.lax.while_loop(cond, body, carry)
+    false = jnp.asarray(False)
+    carry = (jnp.asarray(0, jnp.int32), all_masks, initial, false, false)
+    _, _, coef, _, _ = jax.lax.while_loop(cond, body, carry)
 
-    if unbias:
+    if unbias and not refit_in_loop:
         support: Bool[Array, "d P"] = jnp.abs(coef) > _NONZERO
         coef = _masked_solve(x, y, support, None)
     coef = (coef / scale).T
