@@ -75,6 +75,7 @@ between steps or phases); on CPU, STLSQ solves its targets one at a time.
 
 import dataclasses
 import functools
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -258,9 +259,20 @@ def _warn_if_ungated(before, after) -> None:
         warnings.warn(UNGATED_WARNING, UserWarning, stacklevel=3)
 
 
-def _all_finite(tree):
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+def _all_finite(*trees):
+    """Whether every entry of `trees` is finite.
+
+    Trees with matching leaf shapes (a gradient and the base's update of it) are
+    checked together, one reduction per leaf: each reduction is a few kernels to
+    compile, the elementwise ``&`` is fused into them.
+    """
+    leaves = [jax.tree_util.tree_leaves(t) for t in trees]
+    shapes = [tuple(jnp.shape(x) for x in ls) for ls in leaves]
+    if all(s == shapes[0] for s in shapes):
+        masks = [functools.reduce(operator.and_, map(jnp.isfinite, xs)) for xs in zip(*leaves)]
+    else:
+        masks = [jnp.isfinite(x) for ls in leaves for x in ls]
+    return jnp.all(jnp.stack([jnp.all(m) for m in masks]))
 
 
 def _relative_error(predicted, measured):
@@ -511,7 +523,7 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
 
     def true_step(base_state):
         new_updates, new_base = base_update(updates, base_state, params, **extra_args)
-        finite = _all_finite(updates) & _all_finite(new_updates)
+        finite = _all_finite(updates, new_updates)
         new_updates = optax.tree.where(finite, optax.tree.cast_like(new_updates, updates), zeros)
         new_base = optax.tree.where(finite, new_base, base_state)
         code = jnp.where(finite, OK, NONFINITE_GRADIENT).astype(jnp.int32)
