@@ -59,6 +59,18 @@ def hlo_ops(compiled) -> int:
     return len(re.findall(r"^\s+\S+ = ", compiled.as_text(), flags=re.M))
 
 
+def kernels(compiled) -> tuple[int, int]:
+    """``(fusions, scalar fusions)`` in the optimised HLO module.
+
+    XLA's CPU backend emits and compiles every fusion as its own kernel module (MLIR,
+    then LLVM), a few milliseconds each whatever its size: a fusion that computes one
+    scalar counter costs about as much to compile as one over all the weights. This
+    count, not the number of HLO ops, is what compile time follows.
+    """
+    shapes = re.findall(r"^\s+\S+ = (\S+) fusion\(", compiled.as_text(), flags=re.M)
+    return len(shapes), sum(1 for shape in shapes if re.fullmatch(r"\w+\[\]", shape))
+
+
 def timed_compile(fn, *args):
     # JAX keeps compiled executables in memory keyed by the program: clear them, or a
     # repeat would measure a cache hit.
@@ -68,7 +80,7 @@ def timed_compile(fn, *args):
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, hlo_ops(compiled)
+    return t1 - t0, t2 - t1, hlo_ops(compiled), *kernels(compiled)
 
 
 def step_for(opt, loss, lgf: bool):
@@ -196,7 +208,7 @@ def breakdown(params, loss, repeats):
     whole = best.pop("whole default step")
     print(f"\nbreakdown of the default lgf(sgd) step: {sum(whole[:2]):.2f} s, {whole[2]} HLO ops")
     print(f"{'without':40s} {'saves [s]':>10s} {'saves ops':>10s}")
-    for name, (lo, co, ops) in best.items():
+    for name, (lo, co, ops, *_) in best.items():
         print(f"{name:40s} {sum(whole[:2]) - lo - co:10.2f} {whole[2] - ops:10d}")
 
 
@@ -254,9 +266,13 @@ def main(argv=None):
         return best[name][0] + best[name][1]
 
     print(f"tanh MLP, n = {n} weights, float32, K = {K}; best of {args.repeats}, interleaved")
-    print(f"{'step':42s} {'lower [s]':>10s} {'compile [s]':>12s} {'HLO ops':>8s} {'x sgd':>6s}")
-    for name, (lo, co, ops) in best.items():
-        print(f"{name:42s} {lo:10.2f} {co:12.2f} {ops:8d} {total(name) / total('optax.sgd'):6.1f}")
+    print(
+        f"{'step':42s} {'lower [s]':>10s} {'compile [s]':>12s} {'HLO ops':>8s} "
+        f"{'kernels (scalar)':>17s} {'x sgd':>6s}"
+    )
+    for name, (lo, co, ops, kern, scalar) in best.items():
+        ratio = total(name) / total("optax.sgd")
+        print(f"{name:42s} {lo:10.2f} {co:12.2f} {ops:8d} {kern:10d} ({scalar:3d}) {ratio:6.1f}")
     print(
         "(parts: 'flat' on the parameters raveled into one vector, the layout the engine "
         "runs in for a pytree of one dtype; 'tree' on the MLP's own pytree)"
