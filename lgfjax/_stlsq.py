@@ -269,28 +269,32 @@ def stlsq(
     x = theta / scale
     ridge_alpha = None if (isinstance(alpha, (int, float)) and alpha == 0) else alpha
     all_masks = jnp.ones((n_targets, n_feat), bool)
-    # pysindy compares the first support against that of a plain least-squares fit.
-    # Every target has the full support here, so one SVD of `x` serves them all (and
-    # needs no kernel, whose squared condition number float32 could not hold).
-    initial = _lstsq(x, y).T
-
-    # Small fits take the unbiasing refit as one more pass of the loop, through the
-    # same SVD solve: the compiled program holds one solve, not two.
-    refit_in_loop = unbias and _svd_sized(x.shape)
+    # pysindy compares the first support against that of a plain least-squares fit,
+    # and refits the final support without regularisation (`unbias`). Small fits take
+    # both as passes of the thresholding loop through its one SVD solve (`_svd_solve`
+    # with a traced mode), so the compiled program holds one solve, not three.
+    in_loop = _svd_sized(x.shape)
+    INITIAL, THRESHOLD, REFITTED = 0, 1, 2
 
     def cond(carry):
-        k, _, _, done, refitted = carry
+        k, _, _, done, stage = carry
         thresholding = (k < max_iter) & ~done
-        return thresholding | (refit_in_loop & ~refitted)
+        if not in_loop:
+            return thresholding
+        return (stage == INITIAL) | ((stage == THRESHOLD) & (thresholding | unbias))
 
     def body(carry):
-        k, masks, previous, done, _ = carry
-        if refit_in_loop:
-            refit = ~((k < max_iter) & ~done)
-            support = jnp.where(refit, jnp.abs(previous) > _NONZERO, masks)
-            solved = _svd_solve(x, y, support, ridge_alpha, refit)
+        k, masks, previous, done, stage = carry
+        if in_loop:
+            # A pass that is not a ridge fit: the first (plain least squares on every
+            # term) or, once thresholding is over, the refit of the final support.
+            ridge = (stage == THRESHOLD) & (k < max_iter) & ~done
+            support = jnp.where(
+                stage == INITIAL, masks, jnp.where(ridge, masks, jnp.abs(previous) > _NONZERO)
+            )
+            solved = _svd_solve(x, y, support, ridge_alpha, ~ridge)
         else:
-            refit = jnp.asarray(False)
+            ridge = jnp.asarray(True)
             solved = _masked_solve(x, y, masks, ridge_alpha)
         big = jnp.abs(solved) >= threshold
         # A target whose support is already empty is skipped and keeps it.
@@ -301,18 +305,25 @@ def stlsq(
         same_support = jnp.all((coef != 0) == (previous != 0))
         stop = nothing_dropped | same_support | ~jnp.any(masks)
         return (
-            jnp.where(refit, k, k + 1),
-            jnp.where(refit, masks, new_masks),
-            jnp.where(refit, solved, coef),
-            jnp.where(refit, done, stop),
-            refit,
+            jnp.where(ridge, k + 1, k),
+            jnp.where(ridge, new_masks, masks),
+            jnp.where(ridge, coef, solved),
+            jnp.where(ridge, stop, done),
+            jnp.where(ridge | (stage == INITIAL), THRESHOLD, REFITTED).astype(jnp.int32),
         )
 
-    false = jnp.asarray(False)
-    carry = (jnp.asarray(0, jnp.int32), all_masks, initial, false, false)
+    if in_loop:
+        initial = jnp.zeros((n_targets, n_feat), x.dtype)  # the first pass computes it
+        stage = jnp.asarray(INITIAL, jnp.int32)
+    else:
+        # Every target has the full support here, so one SVD of `x` serves them all
+        # (and needs no kernel, whose squared condition number float32 could not hold).
+        initial = _lstsq(x, y).T
+        stage = jnp.asarray(THRESHOLD, jnp.int32)
+    carry = (jnp.asarray(0, jnp.int32), all_masks, initial, jnp.asarray(False), stage)
     _, _, coef, _, _ = jax.lax.while_loop(cond, body, carry)
 
-    if unbias and not refit_in_loop:
+    if unbias and not in_loop:
         support: Bool[Array, "d P"] = jnp.abs(coef) > _NONZERO
         coef = _masked_solve(x, y, support, None)
     coef = (coef / scale).T
