@@ -321,6 +321,20 @@ def test_small_fits_take_the_svd_route(monkeypatch):
         np.testing.assert_allclose(got, coef, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("unbias", [True, False])
+@pytest.mark.parametrize("alpha", [0.0, 0.05], ids=["lstsq", "ridge"])
+def test_small_fit_compiles_one_solve(alpha, unbias):
+    # The first least-squares fit, the ridge passes and the unbiasing refit of a small
+    # fit are passes of one loop through one SVD solve: the compiled program holds
+    # exactly one SVD (a structural count, the same on every machine).
+    x = jnp.ones((10, 6), jnp.float32)
+    y = jnp.ones((10, 5), jnp.float32)
+    fit = jax.jit(lambda a, b: lgfjax.stlsq(a, b, threshold=0.1, alpha=alpha, unbias=unbias))
+    hlo = fit.lower(x, y).as_text()  # StableHLO, before XLA: one call site per solve
+    calls = re.findall(r"custom_call @\w*svd\w*", hlo)
+    assert len(calls) == 1, calls
+
+
 # --- JAX transformations and dtypes ----------------------------------------------
 
 
