@@ -67,7 +67,7 @@ def kernels(compiled) -> tuple[int, int]:
     scalar counter costs about as much to compile as one over all the weights. This
     count, not the number of HLO ops, is what compile time follows.
     """
-    shapes = re.findall(r"^\s+\S+ = (\S+) fusion\(", compiled.as_text(), flags=re.M)
+    shapes = re.findall(r"^\s+(?:ROOT )?\S+ = (\S+) fusion\(", compiled.as_text(), flags=re.M)
     return len(shapes), sum(1 for shape in shapes if re.fullmatch(r"\w+\[\]", shape))
 
 

@@ -151,7 +151,7 @@ def _dual_solve(x, y, masks, alpha):
     return fm * (z @ x)
 
 
-def _svd_solve(x, y, masks, alpha, refit=None):
+def _svd_solve(x, y, masks, alpha, plain=None):
     """`_primal_solve` / `_dual_solve` through one SVD of each masked library.
 
     With ``X_m = U S V^T``, ridge is ``V diag(s / (s^2 + alpha)) U^T y`` and the
@@ -161,8 +161,8 @@ def _svd_solve(x, y, masks, alpha, refit=None):
     rows of ``V`` pair with zero singular values only, and the mask zeroes them anyway).
     One LAPACK routine (gesvd) serves every solve of STLSQ, which keeps the compiled program
     small; `_masked_solve` takes it while an SVD per target is cheap. With a traced
-    `refit`, the same solve is the ridge fit (False) or the unregularised refit (True),
-    so `stlsq` compiles one solve for both.
+    `plain`, the same solve is the ridge fit (False) or plain least squares (True), so
+    `stlsq` compiles one solve for its first fit, its ridge fits and its refit.
     """
     fm = masks.astype(x.dtype)
 
@@ -177,8 +177,8 @@ def _svd_solve(x, y, masks, alpha, refit=None):
             # their terms are 0, not 0 / 0.
             den = s * s + alpha
             factor = s / jnp.where(den > 0, den, 1.0)
-            if refit is not None:
-                factor = jnp.where(refit, _pinv_factor(s, x.shape, x.dtype), factor)
+            if plain is not None:
+                factor = jnp.where(plain, _pinv_factor(s, x.shape, x.dtype), factor)
         return m * (vt.T @ (factor * (u.T @ yj)))
 
     return _per_target(one, fm, y.T)
@@ -289,9 +289,7 @@ def stlsq(
             # A pass that is not a ridge fit: the first (plain least squares on every
             # term) or, once thresholding is over, the refit of the final support.
             ridge = (stage == THRESHOLD) & (k < max_iter) & ~done
-            support = jnp.where(
-                stage == INITIAL, masks, jnp.where(ridge, masks, jnp.abs(previous) > _NONZERO)
-            )
+            support = jnp.where(ridge | (stage == INITIAL), masks, jnp.abs(previous) > _NONZERO)
             solved = _svd_solve(x, y, support, ridge_alpha, ~ridge)
         else:
             ridge = jnp.asarray(True)

@@ -260,19 +260,13 @@ def _warn_if_ungated(before, after) -> None:
 
 
 def _all_finite(*trees):
-    """Whether every entry of `trees` is finite.
+    """Whether every entry of `trees` (of one structure and leaf shapes) is finite.
 
-    Trees with matching leaf shapes (a gradient and the base's update of it) are
-    checked together, one reduction per leaf: each reduction is a few kernels to
-    compile, the elementwise ``&`` is fused into them.
+    One reduction per leaf position, with the elementwise ``&`` fused into it: a
+    gradient and the base's update of it cost the kernels of one check, not two.
     """
-    leaves = [jax.tree_util.tree_leaves(t) for t in trees]
-    shapes = [tuple(jnp.shape(x) for x in ls) for ls in leaves]
-    if all(s == shapes[0] for s in shapes):
-        masks = [functools.reduce(operator.and_, map(jnp.isfinite, xs)) for xs in zip(*leaves)]
-    else:
-        masks = [jnp.isfinite(x) for ls in leaves for x in ls]
-    return jnp.all(jnp.stack([jnp.all(m) for m in masks]))
+    both = jax.tree.map(lambda *xs: functools.reduce(operator.and_, map(jnp.isfinite, xs)), *trees)
+    return jnp.all(jnp.stack([jnp.all(m) for m in jax.tree.leaves(both)]))
 
 
 def _relative_error(predicted, measured):

@@ -179,6 +179,24 @@ def test_nonfinite_gradient_never_reaches_the_parameters(kind):
     assert float(good(p)) < 0.1 * float(good(x0))
 
 
+@pytest.mark.parametrize("nonfinite", ["gradient", "base update"])
+def test_true_step_checks_the_gradient_and_the_base_update(nonfinite):
+    # Either a non-finite gradient or a finite gradient that the base turns into a
+    # non-finite update (here scaled by inf) skips the true step: the parameters stay
+    # exactly where they were and the state says why.
+    if nonfinite == "gradient":
+        base, loss = optax.sgd(0.1), lambda x: jnp.sum(jnp.sqrt(-x))  # NaN at x > 0
+    else:
+        base, loss = optax.chain(optax.sgd(0.1), optax.scale(jnp.inf)), lambda x: jnp.sum(x**2)
+    opt = lgfjax.lgf(base, dt=0.1)
+    x0 = jnp.ones(2)
+    assert bool(jnp.all(jnp.isfinite(jax.grad(loss)(x0)))) == (nonfinite != "gradient")
+    p, s = run(opt, loss, x0, 3)
+    assert bool(jnp.all(p == x0))
+    assert int(s.info.status) == int(lgfjax.Status.NONFINITE_GRADIENT)
+    assert int(s.buffers.filled) == 0
+
+
 def test_a_step_into_an_undefined_loss_is_taken_back_and_the_next_step_halved():
     # The loss and its gradient are NaN for x < 0 (0 * sqrt(x)). Gradient descent at lr
     # 1.2 on (x - 1)^2 maps x to 2.4 - 1.4 x: from 3 its first step lands at -1.8. That
