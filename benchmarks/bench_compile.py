@@ -15,7 +15,12 @@ engine adds by itself (conditionals, guards, recompiled pieces). Kinds are
 interleaved over `--repeats` rounds and the minimum is reported, so that load on a
 shared machine inflates the numbers as little as possible. Read ratios, not seconds.
 
+`--compiler-option KEY=VALUE` (repeatable) compiles every program, base and LGF alike,
+with that XLA option (`jax.jit(..., compiler_options={KEY: VALUE})`), for example
+``xla_cpu_use_fusion_emitters=false``.
+
     python benchmarks/bench_compile.py [--repeats 2] [--breakdown]
+                                       [--compiler-option KEY=VALUE ...]
 """
 
 import argparse
@@ -71,6 +76,19 @@ def kernels(compiled) -> tuple[int, int]:
     return len(shapes), sum(1 for shape in shapes if re.fullmatch(r"\w+\[\]", shape))
 
 
+# Options for every compile (`--compiler-option`): base and LGF alike.
+COMPILER_OPTIONS: dict[str, bool | int | str] = {}
+
+
+def _option_value(text: str) -> bool | int | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def timed_compile(fn, *args):
     # JAX keeps compiled executables in memory keyed by the program: clear them, or a
     # repeat would measure a cache hit.
@@ -78,7 +96,7 @@ def timed_compile(fn, *args):
     t0 = time.perf_counter()
     lowered = jax.jit(fn).lower(*args)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=COMPILER_OPTIONS or None)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, hlo_ops(compiled), *kernels(compiled)
 
@@ -220,7 +238,17 @@ def main(argv=None):
         action="store_true",
         help="also: what each step of the verified engine adds to the default step's compile",
     )
+    parser.add_argument(
+        "--compiler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="compile every program (base and LGF alike) with this XLA option",
+    )
     args = parser.parse_args(argv)
+    for option in args.compiler_option:
+        key, _, text = option.partition("=")
+        COMPILER_OPTIONS[key] = _option_value(text)
     params, loss = mlp()
     n = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
     dtype = jnp.float32
@@ -266,6 +294,8 @@ def main(argv=None):
         return best[name][0] + best[name][1]
 
     print(f"tanh MLP, n = {n} weights, float32, K = {K}; best of {args.repeats}, interleaved")
+    if COMPILER_OPTIONS:
+        print(f"every program compiled with compiler_options={COMPILER_OPTIONS}")
     print(
         f"{'step':42s} {'lower [s]':>10s} {'compile [s]':>12s} {'HLO ops':>8s} "
         f"{'kernels (scalar)':>17s} {'x sgd':>6s}"

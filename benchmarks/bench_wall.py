@@ -22,8 +22,14 @@ With `--fast-compile`, every timed process (base and LGF alike) runs with
 ``XLA_FLAGS=--xla_backend_optimization_level=0``: XLA's CPU backend then spends less
 time optimising the generated code, which trades run time for compile time.
 
+With `--xla-flags FLAGS`, every timed process (base and LGF alike) runs with `FLAGS`
+added to ``XLA_FLAGS``, for example ``--xla_cpu_use_fusion_emitters=false`` (XLA's
+CPU backend then emits its kernels straight to LLVM rather than through one MLIR
+module per kernel; see the FAQ on compile time).
+
     python benchmarks/bench_wall.py [--rounds 2] [--only deep_energy|topology]
                                     [--persistent-cache] [--fast-compile]
+                                    [--xla-flags FLAGS]
 """
 
 import argparse
@@ -135,12 +141,11 @@ def child(case: str, name: str, n: int) -> None:
 
 
 def in_fresh_process(
-    case: str, name: str, n: int, cache: str | None = None, fast_compile: bool = False
+    case: str, name: str, n: int, cache: str | None = None, xla_flags: str = ""
 ) -> tuple:
     env = dict(os.environ)
-    if fast_compile:
-        flags = env.get("XLA_FLAGS", "")
-        env["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+    if xla_flags:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     if cache:
         # JAX's persistent compilation cache: a rerun loads the compiled step from disk.
         env["JAX_COMPILATION_CACHE_DIR"] = cache
@@ -174,11 +179,21 @@ def main(argv=None):
         action="store_true",
         help="run every timed process with XLA_FLAGS=--xla_backend_optimization_level=0",
     )
+    parser.add_argument(
+        "--xla-flags",
+        default="",
+        help="add these flags to XLA_FLAGS in every timed process (base and LGF alike)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
+    flags = args.xla_flags
+    if args.fast_compile:
+        flags = f"{flags} --xla_backend_optimization_level=0".strip()
+    if flags:
+        print(f"every timed process: XLA_FLAGS += {flags}")
     cases = {"deep_energy": None, "topology": None}
     for key in cases:
         if args.only and key != args.only:
@@ -197,12 +212,12 @@ def main(argv=None):
             if cache:
                 for name, n in need.items():
                     if n is not None:
-                        in_fresh_process(key, name, n, cache, args.fast_compile)
+                        in_fresh_process(key, name, n, cache, flags)
             for _ in range(args.rounds):
                 for name, n in need.items():
                     if n is None:
                         continue
-                    out = in_fresh_process(key, name, n, cache, args.fast_compile)
+                    out = in_fresh_process(key, name, n, cache, flags)
                     best[name] = min(best.get(name, out), out)
             for name, n in need.items():
                 if n is None:
