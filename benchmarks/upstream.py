@@ -7,8 +7,9 @@ Neither case uses lgfjax: each shows the cost in the library that has it.
    distinct fusions. Compile time is timed for N = 1, 25, 100 with the defaults and
    with ``compiler_options={"xla_cpu_use_fusion_emitters": False}``, and for the same
    25 values written as one vector expression (one fusion) and stacked with
-   `jnp.stack` (still one fusion per value). An LGF step holds about 130 distinct
-   fusions, half of them scalar bookkeeping, which is where its compile time goes.
+   `jnp.stack` (still one fusion per value). A default LGF step holds about 130
+   distinct fusions, 52 of them scalar bookkeeping; its compile time follows their
+   number.
 2. **diffrax: XLA compiles while a solver step is traced** (`--case diffrax`). Tracing
    one `diffrax.Tsit5` step under `jax.jit(...).trace` runs small programs eagerly
    (the step compares a concrete `RESULTS` value, ``is_okay(result)``), and each is
