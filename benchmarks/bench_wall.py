@@ -22,6 +22,10 @@ With `--fast-compile`, every timed process (base and LGF alike) runs with
 ``XLA_FLAGS=--xla_backend_optimization_level=0``: XLA's CPU backend then spends less
 time optimising the generated code, which trades run time for compile time.
 
+With `--topology-size NELXxNELY`, the topology case runs on that mesh instead of the
+example's 60 x 20 (each gradient is a block-tridiagonal Cholesky solve, whose cost
+grows about as nelx x nely^3).
+
 With `--xla-flags FLAGS`, every timed process (base and LGF alike) runs with `FLAGS`
 added to ``XLA_FLAGS``, for example ``--xla_cpu_use_fusion_emitters=false`` (XLA's
 CPU backend then emits its kernels straight to LLVM rather than through one MLIR
@@ -29,7 +33,7 @@ module per kernel; see the FAQ on compile time).
 
     python benchmarks/bench_wall.py [--rounds 2] [--only deep_energy|topology]
                                     [--persistent-cache] [--fast-compile]
-                                    [--xla-flags FLAGS]
+                                    [--xla-flags FLAGS] [--topology-size 60x20]
 """
 
 import argparse
@@ -96,11 +100,20 @@ def deep_energy_cases(discover: bool):
     return "deep energy (Adam, 16^3 grid)", makers, targets, history, timed
 
 
+# The topology example's mesh (`--topology-size`): 60 x 20 is the example's default.
+TOPOLOGY_SIZE = (60, 20)
+
+
+def _size() -> str:
+    return "x".join(map(str, TOPOLOGY_SIZE))
+
+
 def topology_cases(discover: bool):
     import jax.numpy as jnp
     import topology_optimization as ex
 
-    problem = ex.mbb_beam(60, 20)
+    nelx, nely = TOPOLOGY_SIZE
+    problem = ex.mbb_beam(nelx, nely)
     settings = ex.Settings()
     base_opt, _ = ex.make_optimisers(problem, settings)
     makers = {
@@ -131,7 +144,7 @@ def topology_cases(discover: bool):
         total = time.perf_counter() - start
         return total, out.seconds, int(out.evaluations[-1])
 
-    return "topology (gradient descent, 60 x 20)", makers, targets, history, timed
+    return f"topology (gradient descent, {nelx} x {nely})", makers, targets, history, timed
 
 
 def child(case: str, name: str, n: int) -> None:
@@ -151,7 +164,7 @@ def in_fresh_process(
         env["JAX_COMPILATION_CACHE_DIR"] = cache
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     out = subprocess.run(
-        [sys.executable, __file__, "--child", case, name, str(n)],
+        [sys.executable, __file__, "--child", case, name, str(n), "--topology-size", _size()],
         check=True,
         capture_output=True,
         text=True,
@@ -184,8 +197,18 @@ def main(argv=None):
         default="",
         help="add these flags to XLA_FLAGS in every timed process (base and LGF alike)",
     )
+    parser.add_argument(
+        "--topology-size",
+        default="60x20",
+        metavar="NELXxNELY",
+        help="the topology example's mesh (default 60x20, the example's own); larger "
+        "meshes make each gradient (a block-tridiagonal Cholesky solve) dearer",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global TOPOLOGY_SIZE
+    nelx, _, nely = args.topology_size.partition("x")
+    TOPOLOGY_SIZE = (int(nelx), int(nely))
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
