@@ -17,10 +17,12 @@ shared machine inflates the numbers as little as possible. Read ratios, not seco
 
 `--compiler-option KEY=VALUE` (repeatable) compiles every program, base and LGF alike,
 with that XLA option (`jax.jit(..., compiler_options={KEY: VALUE})`), for example
-``xla_cpu_use_fusion_emitters=false``.
+``xla_cpu_use_fusion_emitters=false``. With `--compare`, the whole steps are also
+compiled with XLA's defaults in the same interleaved rounds, and a second table sets
+the two side by side (the parts are compiled with the option only).
 
     python benchmarks/bench_compile.py [--repeats 2] [--breakdown]
-                                       [--compiler-option KEY=VALUE ...]
+                                       [--compiler-option KEY=VALUE ...] [--compare]
 """
 
 import argparse
@@ -89,14 +91,17 @@ def _option_value(text: str) -> bool | int | str:
         return text
 
 
-def timed_compile(fn, *args):
+def timed_compile(fn, *args, options=None):
+    """``(lower s, compile s, HLO ops, kernels, scalar kernels)``; `options` (default:
+    `COMPILER_OPTIONS`) are the XLA compiler options."""
     # JAX keeps compiled executables in memory keyed by the program: clear them, or a
     # repeat would measure a cache hit.
     jax.clear_caches()
     t0 = time.perf_counter()
     lowered = jax.jit(fn).lower(*args)
     t1 = time.perf_counter()
-    compiled = lowered.compile(compiler_options=COMPILER_OPTIONS or None)
+    options = COMPILER_OPTIONS if options is None else options
+    compiled = lowered.compile(compiler_options=options or None)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, hlo_ops(compiled), *kernels(compiled)
 
@@ -230,6 +235,23 @@ def breakdown(params, loss, repeats):
         print(f"{name:40s} {sum(whole[:2]) - lo - co:10.2f} {whole[2] - ops:10d}")
 
 
+def compare(best: dict[str, tuple], defaults: dict[str, tuple]) -> None:
+    """The whole steps with `COMPILER_OPTIONS` against XLA's defaults, measured in the
+    same interleaved rounds (seconds = lowering + compile)."""
+    print(f"\nthe steps with XLA's defaults against compiler_options={COMPILER_OPTIONS}")
+    print(
+        f"{'step':32s} {'defaults [s]':>13s} {'x sgd':>6s} {'kernels':>8s} "
+        f"{'option [s]':>11s} {'x sgd':>6s} {'kernels':>8s} {'option / defaults':>18s}"
+    )
+    sgd_d, sgd_o = sum(defaults["optax.sgd"][:2]), sum(best["optax.sgd"][:2])
+    for name, out in defaults.items():
+        d, o = sum(out[:2]), sum(best[name][:2])
+        print(
+            f"{name:32s} {d:13.2f} {d / sgd_d:6.1f} {out[3]:8d} {o:11.2f} {o / sgd_o:6.1f} "
+            f"{best[name][3]:8d} {o / d:18.2f}"
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -245,7 +267,15 @@ def main(argv=None):
         metavar="KEY=VALUE",
         help="compile every program (base and LGF alike) with this XLA option",
     )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="with --compiler-option: also compile the whole steps with XLA's defaults, "
+        "interleaved in the same rounds, and compare the two",
+    )
     args = parser.parse_args(argv)
+    if args.compare and not args.compiler_option:
+        parser.error("--compare needs at least one --compiler-option")
     for option in args.compiler_option:
         key, _, text = option.partition("=")
         COMPILER_OPTIONS[key] = _option_value(text)
@@ -281,11 +311,15 @@ def main(argv=None):
                 part_fns[f"{layout} part: fit ({label})"] = (fit, fit_args)
             part_fns[f"{layout} part: surrogate ({label})"] = (sur, sur_args)
     best: dict[str, tuple] = {}
+    defaults: dict[str, tuple] = {}  # with --compare: the steps with XLA's defaults
     for _ in range(args.repeats):
         for name, (opt, lgf) in kinds.items():
             state = opt.init(params)
             out = timed_compile(step_for(opt, loss, lgf), params, state)
             best[name] = min(best.get(name, out), out, key=lambda t: t[0] + t[1])
+            if args.compare:
+                out = timed_compile(step_for(opt, loss, lgf), params, state, options={})
+                defaults[name] = min(defaults.get(name, out), out, key=lambda t: t[0] + t[1])
         for name, (fn, a) in part_fns.items():
             out = timed_compile(fn, *a)
             best[name] = min(best.get(name, out), out, key=lambda t: t[0] + t[1])
@@ -323,6 +357,8 @@ def main(argv=None):
                 f"{lgf_name}: {total(lgf_name) / parts_sum:.2f}x the sum of its {layout} parts "
                 f"({total(lgf_name):.2f} s vs {parts_sum:.2f} s = base + fit + surrogate step)"
             )
+    if args.compare:
+        compare(best, defaults)
     if args.breakdown:
         breakdown(params, loss, args.repeats)
 
