@@ -100,19 +100,11 @@ def deep_energy_cases(discover: bool):
     return "deep energy (Adam, 16^3 grid)", makers, targets, history, timed
 
 
-# The topology example's mesh (`--topology-size`): 60 x 20 is the example's default.
-TOPOLOGY_SIZE = (60, 20)
-
-
-def _size() -> str:
-    return "x".join(map(str, TOPOLOGY_SIZE))
-
-
-def topology_cases(discover: bool):
+def topology_cases(discover: bool, size: str = "60x20"):
     import jax.numpy as jnp
     import topology_optimization as ex
 
-    nelx, nely = TOPOLOGY_SIZE
+    nelx, nely = (int(v) for v in size.split("x"))  # `--topology-size`
     problem = ex.mbb_beam(nelx, nely)
     settings = ex.Settings()
     base_opt, _ = ex.make_optimisers(problem, settings)
@@ -147,14 +139,14 @@ def topology_cases(discover: bool):
     return f"topology (gradient descent, {nelx} x {nely})", makers, targets, history, timed
 
 
-def child(case: str, name: str, n: int) -> None:
+def child(case: str, name: str, n: int, size: str) -> None:
     """In a fresh process: set the case up, then time one run of `n` updates."""
-    _, _, _, _, timed = _setup(case, discover=False)
+    _, _, _, _, timed = _setup(case, size, discover=False)
     print(json.dumps(timed(name, n)))
 
 
 def in_fresh_process(
-    case: str, name: str, n: int, cache: str | None = None, xla_flags: str = ""
+    case: str, name: str, n: int, size: str, cache: str | None = None, xla_flags: str = ""
 ) -> tuple:
     env = dict(os.environ)
     if xla_flags:
@@ -164,7 +156,7 @@ def in_fresh_process(
         env["JAX_COMPILATION_CACHE_DIR"] = cache
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     out = subprocess.run(
-        [sys.executable, __file__, "--child", case, name, str(n), "--topology-size", _size()],
+        [sys.executable, __file__, "--child", case, name, str(n), "--topology-size", size],
         check=True,
         capture_output=True,
         text=True,
@@ -173,8 +165,10 @@ def in_fresh_process(
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _setup(case: str, discover: bool):
-    return {"deep_energy": deep_energy_cases, "topology": topology_cases}[case](discover)
+def _setup(case: str, size: str, discover: bool):
+    if case == "topology":
+        return topology_cases(discover, size)
+    return deep_energy_cases(discover)
 
 
 def main(argv=None):
@@ -206,11 +200,8 @@ def main(argv=None):
     )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    global TOPOLOGY_SIZE
-    nelx, _, nely = args.topology_size.partition("x")
-    TOPOLOGY_SIZE = (int(nelx), int(nely))
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]))
+        child(args.child[0], args.child[1], int(args.child[2]), args.topology_size)
         return
     flags = args.xla_flags
     if args.fast_compile:
@@ -221,7 +212,7 @@ def main(argv=None):
     for key in cases:
         if args.only and key != args.only:
             continue
-        title, makers, targets, history, _ = _setup(key, discover=True)
+        title, makers, targets, history, _ = _setup(key, args.topology_size, discover=True)
         histories = {name: history(name) for name in makers}
         print(f"\n{title}")
         header = f"{'target':20s} {'optimiser':18s} {'updates':>8s} {'gradients':>9s}"
@@ -235,12 +226,12 @@ def main(argv=None):
             if cache:
                 for name, n in need.items():
                     if n is not None:
-                        in_fresh_process(key, name, n, cache, flags)
+                        in_fresh_process(key, name, n, args.topology_size, cache, flags)
             for _ in range(args.rounds):
                 for name, n in need.items():
                     if n is None:
                         continue
-                    out = in_fresh_process(key, name, n, cache, flags)
+                    out = in_fresh_process(key, name, n, args.topology_size, cache, flags)
                     best[name] = min(best.get(name, out), out)
             for name, n in need.items():
                 if n is None:
