@@ -5,9 +5,11 @@ Neither case uses lgfjax: each shows the cost in the library that has it.
 1. **XLA's CPU backend: compile time per distinct kernel** (`--case xla`). A jitted
    function returns N scalars, each a different `jnp.where` expression, so XLA makes N
    distinct fusions. Compile time is timed for N = 1, 25, 100 with the defaults and
-   with ``compiler_options={"xla_cpu_use_fusion_emitters": False}``, and for the same
-   25 values written as one vector expression (one fusion) and stacked with
-   `jnp.stack` (still one fusion per value). A default LGF step holds about 130
+   with ``compiler_options={"xla_cpu_use_fusion_emitters": False}``; for 25 scalars
+   each the same expression of its own input (25 fusions, all alike: XLA compiles
+   such kernels once, so the cost is per *distinct* kernel); and for the same 25
+   values written as one vector expression (one fusion) and stacked with `jnp.stack`
+   (still one fusion per value). A default LGF step holds about 130
    distinct fusions, 52 of them scalar bookkeeping; its compile time follows their
    number.
 2. **diffrax: XLA compiles while a solver step is traced** (`--case diffrax`). Tracing
@@ -30,6 +32,10 @@ OPTION = {"xla_cpu_use_fusion_emitters": False}
 
 def _separate(xs, c):
     return [jnp.where(c > i, x * (i + 1) + c, x - i) for i, x in enumerate(xs)]
+
+
+def _identical(xs, c):
+    return [jnp.where(c > x, x + 1, x) for x in xs]
 
 
 def _stacked(xs, c):
@@ -62,6 +68,7 @@ def xla_case(repeats):
         for n in (1, 25, 100)
     ]
     rows += [
+        ("25 identical scalar where's", _identical, ([jnp.float32(i) for i in range(25)], c)),
         ("25 scalar where's, jnp.stack", _stacked, ([jnp.float32(i) for i in range(25)], c)),
         ("25 values as one vector where", _vector, (jnp.arange(25, dtype=jnp.float32), c)),
     ]
