@@ -143,10 +143,12 @@ def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
     # its G true gradients, a loss no higher than its base reaches with the same G
     # gradients: the best loss seen at true steps (and at the end) against the base's
     # best over its first G steps, i.e. evaluations to a target, as the report counts
-    # them. Adam at lr 1e-2 is spiky here (its loss jumps 10x within a few steps, and so
-    # does LGF-Adam's, whose true steps are Adam's): the last value, or the median of
-    # the last 20, swings between 0.2x and 2.5x of Adam's under a 4-ulp nudge of the
-    # start, while the best-loss ratio stayed within 0.27x-0.85x over 3 seeds x 3 nudges.
+    # them. Adam runs at lr 1e-3, where its path is smooth. At lr 1e-2 it is spiky here
+    # (its loss jumps 10x within a few steps, and so does LGF-Adam's, whose true steps
+    # are Adam's), and the outcome is chaotic: the best-loss ratio was 0.66x-1.03x over
+    # the 4-ulp nudge and code generated for other instruction sets (AVX without FMA,
+    # SSE4.2), so it is not a claim that holds on every machine. At lr 1e-3 it was
+    # 0.23x-0.57x (LGF-Adam) and 0.15x-0.34x (LGF) over 3 seeds x those settings.
     model = eqx.nn.MLP(2, 1, 32, 2, key=jax.random.PRNGKey(0))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     params = perturb(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params))
@@ -159,7 +161,7 @@ def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
     if kind == "lgf":
         base, opt = optax.sgd(0.1), lgfjax.lgf(optax.sgd(0.1), dt=0.1)
     else:
-        base, opt = optax.adam(1e-2), lgfjax.lgf_adam(1e-2)
+        base, opt = optax.adam(1e-3), lgfjax.lgf_adam(1e-3)
 
     @jax.jit
     def run_lgf(p):
