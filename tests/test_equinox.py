@@ -148,7 +148,8 @@ def test_float32_network_with_defaults_beats_its_base_per_gradient(kind):
     # are Adam's), and the outcome is chaotic: the best-loss ratio was 0.66x-1.03x over
     # the 4-ulp nudge and code generated for other instruction sets (AVX without FMA,
     # SSE4.2), so it is not a claim that holds on every machine. At lr 1e-3 it was
-    # 0.23x-0.57x (LGF-Adam) and 0.15x-0.34x (LGF) over 3 seeds x those settings.
+    # 0.23x-0.57x (LGF-Adam) and 0.15x-0.34x (LGF) over 3 seeds, with and without the
+    # nudge, for this machine's code and AVX code (and SSE4.2 code for seed 0).
     model = eqx.nn.MLP(2, 1, 32, 2, key=jax.random.PRNGKey(0))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     params = perturb(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params))
