@@ -9,9 +9,9 @@ Neither case uses lgfjax: each shows the cost in the library that has it.
    each the same expression of its own input (25 fusions, all alike: XLA compiles
    such kernels once, so the cost is per *distinct* kernel); and for the same 25
    values written as one vector expression (one fusion) and stacked with `jnp.stack`
-   (still one fusion per value). A default LGF step holds about 130
-   distinct fusions, 52 of them scalar bookkeeping; its compile time follows their
-   number.
+   (still one fusion per value). A default LGF step holds about 130 distinct
+   fusions, 52 of them scalars (counters, flags, loop conditions); its compile time
+   follows their number.
 2. **diffrax: XLA compiles while a solver step is traced** (`--case diffrax`). Tracing
    one `diffrax.Tsit5` step under `jax.jit(...).trace` runs small programs eagerly
    (the step compares a concrete `RESULTS` value, ``is_okay(result)``), and each is
