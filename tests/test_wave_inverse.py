@@ -270,3 +270,18 @@ def test_quick_run_prints_and_plots(quick):
         steps = np.diff(r.evaluations)
         assert r.evaluations[0] == 0 and np.all((steps == 0) | (steps == 1))
         assert np.all(np.isfinite(r.error))
+
+
+def test_lgf_factor_sets_the_lgf_runs_length(monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def capture(problem, steps, lgf_steps):
+        raise Stop(steps, lgf_steps)
+
+    monkeypatch.setattr(wi, "compare", capture)
+    with pytest.raises(Stop) as stopped:
+        wi.main(["--steps", "40", "--lgf-factor", "3", "--no-plot"])
+    assert stopped.value.args == (40, 120)
+    with pytest.raises(SystemExit):
+        wi.main(["--lgf-factor", "0"])
