@@ -66,16 +66,34 @@ def hlo_ops(compiled) -> int:
     return len(re.findall(r"^\s+\S+ = ", compiled.as_text(), flags=re.M))
 
 
-def kernels(compiled) -> tuple[int, int]:
-    """``(fusions, scalar fusions)`` in the optimised HLO module.
+def kernels(compiled) -> tuple[int, int, int]:
+    """``(fusions, distinct fusions, scalar fusions)`` in the optimised HLO module.
 
     XLA's CPU backend emits and compiles every fusion as its own kernel module (MLIR,
     then LLVM), a few milliseconds each whatever its size: a fusion that computes one
-    scalar counter costs about as much to compile as one over all the weights. This
-    count, not the number of HLO ops, is what compile time follows.
+    scalar counter costs about as much to compile as one over all the weights. With
+    its fusion emitters (the default) it compiles fusions that are the same
+    computation once (`upstream.py`), so the *distinct* count, not the number of HLO
+    ops, is what compile time follows. Two fusions are the same when their bodies
+    match with instruction names and metadata removed.
     """
-    shapes = re.findall(r"^\s+(?:ROOT )?\S+ = (\S+) fusion\(", compiled.as_text(), flags=re.M)
-    return len(shapes), sum(1 for shape in shapes if re.fullmatch(r"\w+\[\]", shape))
+    text = compiled.as_text()
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            current = head.group(1)
+            bodies[current] = []
+        elif current is not None and line.strip() == "}":
+            current = None
+        elif current is not None:
+            line = re.sub(r",? metadata=\{[^}]*\}", "", line)
+            bodies[current].append(re.sub(r"%[\w.\-]+", "%v", line).strip())
+    calls = re.findall(r"^\s+(?:ROOT )?\S+ = (\S+) fusion\(.*?calls=%?([\w.\-]+)", text, flags=re.M)
+    distinct = {"\n".join(bodies.get(name, [name])) for _, name in calls}
+    scalar = sum(1 for shape, _ in calls if re.fullmatch(r"\w+\[\]", shape))
+    return len(calls), len(distinct), scalar
 
 
 # Options for every compile (`--compiler-option`): base and LGF alike.
@@ -92,8 +110,8 @@ def _option_value(text: str) -> bool | int | str:
 
 
 def timed_compile(fn, *args, options=None):
-    """``(lower s, compile s, HLO ops, kernels, scalar kernels)``; `options` (default:
-    `COMPILER_OPTIONS`) are the XLA compiler options."""
+    """``(lower s, compile s, HLO ops, kernels, distinct kernels, scalar kernels)``;
+    `options` (default: `COMPILER_OPTIONS`) are the XLA compiler options."""
     # JAX keeps compiled executables in memory keyed by the program: clear them, or a
     # repeat would measure a cache hit.
     jax.clear_caches()
@@ -229,10 +247,16 @@ def breakdown(params, loss, repeats):
     for key, fn in originals.items():
         setattr(V, key, fn)
     whole = best.pop("whole default step")
-    print(f"\nbreakdown of the default lgf(sgd) step: {sum(whole[:2]):.2f} s, {whole[2]} HLO ops")
-    print(f"{'without':40s} {'saves [s]':>10s} {'saves ops':>10s}")
-    for name, (lo, co, ops, *_) in best.items():
-        print(f"{name:40s} {sum(whole[:2]) - lo - co:10.2f} {whole[2] - ops:10d}")
+    print(
+        f"\nbreakdown of the default lgf(sgd) step: {sum(whole[:2]):.2f} s, {whole[2]} HLO "
+        f"ops, {whole[4]} distinct kernels"
+    )
+    print(f"{'without':40s} {'saves [s]':>10s} {'saves ops':>10s} {'saves distinct':>15s}")
+    for name, (lo, co, ops, _, distinct, _) in best.items():
+        print(
+            f"{name:40s} {sum(whole[:2]) - lo - co:10.2f} {whole[2] - ops:10d} "
+            f"{whole[4] - distinct:15d}"
+        )
 
 
 def compare(best: dict[str, tuple], defaults: dict[str, tuple]) -> None:
@@ -240,15 +264,16 @@ def compare(best: dict[str, tuple], defaults: dict[str, tuple]) -> None:
     same interleaved rounds (seconds = lowering + compile)."""
     print(f"\nthe steps with XLA's defaults against compiler_options={COMPILER_OPTIONS}")
     print(
-        f"{'step':32s} {'defaults [s]':>13s} {'x sgd':>6s} {'kernels':>8s} "
-        f"{'option [s]':>11s} {'x sgd':>6s} {'kernels':>8s} {'option / defaults':>18s}"
+        f"{'step':32s} {'defaults [s]':>13s} {'x sgd':>6s} {'kernels (distinct)':>19s} "
+        f"{'option [s]':>11s} {'x sgd':>6s} {'kernels (distinct)':>19s} "
+        f"{'option / defaults':>18s}"
     )
     sgd_d, sgd_o = sum(defaults["optax.sgd"][:2]), sum(best["optax.sgd"][:2])
     for name, out in defaults.items():
         d, o = sum(out[:2]), sum(best[name][:2])
         print(
-            f"{name:32s} {d:13.2f} {d / sgd_d:6.1f} {out[3]:8d} {o:11.2f} {o / sgd_o:6.1f} "
-            f"{best[name][3]:8d} {o / d:18.2f}"
+            f"{name:32s} {d:13.2f} {d / sgd_d:6.1f} {out[3]:12d} ({out[4]:4d}) {o:11.2f} "
+            f"{o / sgd_o:6.1f} {best[name][3]:12d} ({best[name][4]:4d}) {o / d:18.2f}"
         )
 
 
@@ -332,11 +357,14 @@ def main(argv=None):
         print(f"every program compiled with compiler_options={COMPILER_OPTIONS}")
     print(
         f"{'step':42s} {'lower [s]':>10s} {'compile [s]':>12s} {'HLO ops':>8s} "
-        f"{'kernels (scalar)':>17s} {'x sgd':>6s}"
+        f"{'kernels (distinct, scalar)':>27s} {'x sgd':>6s}"
     )
-    for name, (lo, co, ops, kern, scalar) in best.items():
+    for name, (lo, co, ops, kern, distinct, scalar) in best.items():
         ratio = total(name) / total("optax.sgd")
-        print(f"{name:42s} {lo:10.2f} {co:12.2f} {ops:8d} {kern:10d} ({scalar:3d}) {ratio:6.1f}")
+        print(
+            f"{name:42s} {lo:10.2f} {co:12.2f} {ops:8d} {kern:14d} ({distinct:4d}, {scalar:3d}) "
+            f"{ratio:6.1f}"
+        )
     print(
         "(parts: 'flat' on the parameters raveled into one vector, the layout the engine "
         "runs in for a pytree of one dtype; 'tree' on the MLP's own pytree)"
@@ -353,9 +381,16 @@ def main(argv=None):
                 + total(f"{layout} part: fit ({fit_label})")
                 + total(f"{layout} part: surrogate ({label})")
             )
+            part_names = (
+                base,
+                f"{layout} part: fit ({fit_label})",
+                f"{layout} part: surrogate ({label})",
+            )
+            parts_distinct = sum(best[name][4] for name in part_names)
             print(
                 f"{lgf_name}: {total(lgf_name) / parts_sum:.2f}x the sum of its {layout} parts "
-                f"({total(lgf_name):.2f} s vs {parts_sum:.2f} s = base + fit + surrogate step)"
+                f"({total(lgf_name):.2f} s vs {parts_sum:.2f} s = base + fit + surrogate step;"
+                f" distinct kernels {best[lgf_name][4]} vs {parts_distinct})"
             )
     if args.compare:
         compare(best, defaults)
