@@ -692,7 +692,9 @@ def markdown(results: dict) -> str:
         f"{meta['machine']}; jax {meta['jax']}, float64. Load average at the start "
         f"{meta['load_start']}, at the end {meta['load_end']}: **the machine was shared with "
         "other engineers, so absolute times are noisy; compare within a row pair**. "
-        f"Whole report: {meta['total_seconds']:.0f} s.",
+        f"Whole report: {meta['total_seconds']:.0f} s. The counts repeat bitwise on one "
+        "machine; on another CPU the generated code rounds differently, and a phase judged "
+        "near its tolerance can move a count (the FAQ's answer on other machines).",
         "",
         "Columns: *true evals to target* counts gradient (Newton: gradient + Hessian) "
         "evaluations consumed before the first iterate meeting the target; *saved* is "
@@ -897,6 +899,18 @@ def dump_json(results: dict, path: str) -> None:
         f.write(text + "\n")
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), which the generated code and its rounding follow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def run_all(full: bool, only: Sequence[str]) -> dict:
     import jax
 
@@ -910,8 +924,8 @@ def run_all(full: bool, only: Sequence[str]) -> dict:
         date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         commit=_git("rev-parse", "--short", "HEAD"),
         dirty=bool(_git("status", "--porcelain", "--", "lgfjax", "examples")),
-        machine=f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}",
+        machine=f"{os.cpu_count()} CPUs ({_cpu_model()}), "
+        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
         jax=jax.__version__,
         load_start=_load(),
     )
