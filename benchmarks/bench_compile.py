@@ -21,7 +21,11 @@ with that XLA option (`jax.jit(..., compiler_options={KEY: VALUE})`), for exampl
 compiled with XLA's defaults in the same interleaved rounds, and a second table sets
 the two side by side (the parts are compiled with the option only).
 
-    python benchmarks/bench_compile.py [--repeats 2] [--breakdown]
+`--packed` adds the default `lgf(sgd)` step with every scalar of its state packed
+into one vector per dtype at the state's boundary (an experiment: does it save
+kernels?).
+
+    python benchmarks/bench_compile.py [--repeats 2] [--breakdown] [--packed]
                                        [--compiler-option KEY=VALUE ...] [--compare]
 """
 
@@ -140,6 +144,44 @@ def step_for(opt, loss, lgf: bool):
         return optax.apply_updates(p, u), s, v
 
     return step
+
+
+def packed_step(opt, loss, params):
+    """The default step with every scalar of the LGF state packed at the state's
+    boundary, one vector per dtype (`--packed`): ``(step, packed initial state)``.
+
+    An experiment, not an offer: would one array per dtype, instead of one per
+    counter and flag, let XLA compute the scalar updates in fewer kernels? The step
+    unpacks the vectors (slices), runs the unchanged `update`, and stacks the new
+    scalars back.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(jax.eval_shape(opt.init, params))
+    groups: dict[str, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        if leaf.ndim == 0:
+            groups.setdefault(np.dtype(leaf.dtype).name, []).append(i)
+    scalar = {i for idx in groups.values() for i in idx}
+
+    def pack(state):
+        flat = jax.tree_util.tree_leaves(state)
+        vectors = {k: jnp.stack([flat[i] for i in idx]) for k, idx in groups.items()}
+        return vectors, [leaf for i, leaf in enumerate(flat) if i not in scalar]
+
+    def unpack(packed):
+        vectors, rest = packed
+        out, others = [], iter(rest)
+        position = {i: (k, j) for k, idx in groups.items() for j, i in enumerate(idx)}
+        for i in range(len(leaves)):
+            out.append(vectors[position[i][0]][position[i][1]] if i in scalar else next(others))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def step(p, packed):
+        state = unpack(packed)
+        v, g = lgfjax.value_and_grad(loss)(p, state)
+        u, state = opt.update(g, state, p, value=v)
+        return optax.apply_updates(p, u), pack(state), v
+
+    return step, pack(opt.init(params))
 
 
 def parts(params, K, rank, degree, dtype, adam=False, flat=False):
@@ -293,6 +335,12 @@ def main(argv=None):
         help="compile every program (base and LGF alike) with this XLA option",
     )
     parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="also: the default lgf(sgd) step with its state's scalars packed into one "
+        "vector per dtype (an experiment)",
+    )
+    parser.add_argument(
         "--compare",
         action="store_true",
         help="with --compiler-option: also compile the whole steps with XLA's defaults, "
@@ -347,6 +395,11 @@ def main(argv=None):
                 defaults[name] = min(defaults.get(name, out), out, key=lambda t: t[0] + t[1])
         for name, (fn, a) in part_fns.items():
             out = timed_compile(fn, *a)
+            best[name] = min(best.get(name, out), out, key=lambda t: t[0] + t[1])
+        if args.packed:
+            name = "lgf(sgd) default, scalars packed"
+            fn, packed = packed_step(kinds["lgf(sgd) default"][0], loss, params)
+            out = timed_compile(fn, params, packed)
             best[name] = min(best.get(name, out), out, key=lambda t: t[0] + t[1])
 
     def total(name):
