@@ -427,6 +427,150 @@ def compile_worker():
     return out
 
 
+VARIANTS = ("verified", "fixed", "adam")
+
+
+def update_worker(variant: str, n: int, K: int, updates: int):
+    """Per-update cost of one optimiser at (n, K): surrogate, true and fit updates.
+
+    A real training loop's step (parameters and state donated) runs `updates` times on
+    a diagonal quadratic; each update is timed alone and classified by the schedule
+    (a true step that does not fit, the update that fits, a surrogate step). In the
+    same process: the floor ``x + U (U^T x)`` at the model's POD rank, the base's own
+    step (its update and apply, donated), and one copy of the parameters.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lgfjax
+
+    d = jnp.linspace(0.5, 2.0, n, dtype=jnp.float32)
+
+    def loss(x):
+        return 0.5 * jnp.sum(d * x * x)
+
+    lr = 1e-2
+    if variant == "verified":
+        opt, base, rank = lgfjax.lgf(optax.sgd(lr), dt=lr, history_size=K), optax.sgd(lr), K // 2
+    elif variant == "fixed":
+        rank = min(RANK, K)
+        opt = lgfjax.lgf(
+            optax.sgd(lr),
+            dt=lr,
+            history_size=K,
+            retrain_interval=4 * K,
+            rank=rank,
+            poly_order=DEGREE,
+        )
+        base = optax.sgd(lr)
+    else:
+        opt, base, rank = lgfjax.lgf_adam(lr, history_size=K), optax.adam(lr), K // 2
+
+    def timed(fn, *args):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        return out, time.perf_counter() - t0
+
+    step = jax.jit(
+        lambda x, s, g, v: (lambda u, s: (optax.apply_updates(x, u), s))(
+            *opt.update(g, s, x, value=v)
+        ),
+        donate_argnums=(0, 1),
+    )
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    x = jnp.ones(n, jnp.float32)
+    state = opt.init(x)
+    zeros = jnp.zeros_like(x)
+    nan = jnp.asarray(jnp.nan, jnp.float32)
+    t0 = time.perf_counter()
+    compiled = step.lower(x, state, zeros, nan).compile()
+    compile_s = time.perf_counter() - t0
+    times = {"true": [], "fit": [], "surrogate": []}
+    for i in range(updates):
+        phase = int(state.phase)
+        if variant == "fixed":
+            fits = int(state.schedule.cycle_step) == K
+        if phase == 0:
+            v, g = value_and_grad(x)
+        else:
+            v, g = nan, zeros
+        (x, state), t = timed(compiled, x, state, g, v)
+        if variant != "fixed":
+            fits = phase == 0 and int(state.phase) == 1
+        if i >= 2:  # the first updates warm caches and allocators
+            times["fit" if fits else ("true" if phase == 0 else "surrogate")].append(t)
+    med = {k: statistics.median(v) if v else None for k, v in times.items()}
+
+    base_step = jax.jit(
+        lambda x, s, g: (lambda u, s: (optax.apply_updates(x, u), s))(*base.update(g, s, x)),
+        donate_argnums=(0, 1),
+    )
+    y, bs = jnp.ones(n, jnp.float32), None
+    bs = base.init(y)
+    g = value_and_grad(y)[1]
+    (y, bs), _ = timed(base_step, y, bs, g)
+    base_times = []
+    for _ in range(30):
+        (y, bs), t = timed(base_step, y, bs, g)
+        base_times.append(t)
+    basis = jax.random.normal(jax.random.key(0), (rank, n), jnp.float32)
+    floor = jax.jit(lambda x, u: x + (u @ x) @ u * 1e-9, donate_argnums=0)
+    z, _ = timed(floor, jnp.ones(n, jnp.float32), basis)
+    floor_times = []
+    for _ in range(30):
+        z, t = timed(floor, z, basis)
+        floor_times.append(t)
+    copy = jax.jit(jnp.copy)
+    timed(copy, z)
+    copy_s = statistics.median(timed(copy, z)[1] for _ in range(30))
+    return {
+        "variant": variant,
+        "n": n,
+        "K": K,
+        "rank": rank,
+        "counts": {k: len(v) for k, v in times.items()},
+        "surrogate_s": med["surrogate"],
+        "true_s": med["true"],
+        "fit_s": med["fit"],
+        "floor_s": statistics.median(floor_times),
+        "base_s": statistics.median(base_times),
+        "copy_s": copy_s,
+        "compile_s": compile_s,
+        "peak_rss_mib": _peak_mib(),
+    }
+
+
+def _update_table(sizes, ks, quick):
+    """The per-update cost table: every variant at every (n, K), each in its own process."""
+    print(
+        "\nper-update cost (diagonal quadratic, float32, training step donated; medians):\n"
+        f"{'variant':>9} {'n':>6} {'K':>3} {'surr ms':>8} {'floor ms':>8} {'surr/floor':>10} "
+        f"{'true ms':>8} {'base ms':>8} {'copy ms':>8} {'true/(1.5 base+copy)':>20} "
+        f"{'fit ms':>8} {'peak MiB':>8}"
+    )
+    rows = []
+    for n in sizes:
+        for k in ks:
+            for variant in VARIANTS:
+                updates = 60 if quick else (max(120, 4 * k + 80) if n < 1e7 else 4 * k + 40)
+                r = _run(["updates", variant, str(int(n)), str(k), str(updates)])
+                if r is None:
+                    print(f"{variant:>9} {n:>6.0e} {k:>3} failed")
+                    continue
+                rows.append(r)
+                ms = lambda t: float("nan") if t is None else 1e3 * t  # noqa: E731
+                surr = ms(r["surrogate_s"]) / ms(r["floor_s"])
+                true = ms(r["true_s"]) / (1.5 * ms(r["base_s"]) + ms(r["copy_s"]))
+                print(
+                    f"{variant:>9} {n:>6.0e} {k:>3} {ms(r['surrogate_s']):>8.2f} "
+                    f"{ms(r['floor_s']):>8.2f} {surr:>10.2f} {ms(r['true_s']):>8.2f} "
+                    f"{ms(r['base_s']):>8.2f} {ms(r['copy_s']):>8.2f} {true:>20.2f} "
+                    f"{ms(r['fit_s']):>8.1f} {r['peak_rss_mib']:>8.0f}"
+                )
+    return rows
+
+
 def _run(args):
     cmd = [sys.executable, __file__, "--worker", *args]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -463,6 +607,16 @@ def main():
     parser.add_argument(
         "--bf16", action="store_true", help="also run the largest n with a bfloat16 buffer"
     )
+    parser.add_argument(
+        "--update-sizes", nargs="+", type=float, default=[1e5, 1e6], help="n of the update table"
+    )
+    parser.add_argument(
+        "--ks", nargs="+", type=int, default=[5, 10, 20], help="history sizes of the update table"
+    )
+    parser.add_argument(
+        "--updates-only", action="store_true", help="only the per-update cost table"
+    )
+    parser.add_argument("--json", help="write the per-update table's rows to this file")
     args = parser.parse_args()
 
     if args.worker:
@@ -470,6 +624,9 @@ def main():
         if kind == "scale":
             n, repeats, bdt = int(float(rest[0])), int(rest[1]), rest[2]
             result = scale_worker(n, repeats, None if bdt == "none" else bdt)
+        elif kind == "updates":
+            variant, n, k, updates = rest[0], int(float(rest[1])), int(rest[2]), int(rest[3])
+            result = update_worker(variant, n, k, updates)
         elif kind == "overhead":
             result = overhead_worker(int(float(rest[0])), int(rest[1]))
         else:
@@ -479,6 +636,12 @@ def main():
 
     sizes = [1e4, 1e5] if args.quick else args.sizes
     print(f"machine: {_machine()} (shared; timings are noisy, ratios within a run count)")
+    rows = _update_table([1e4] if args.quick else args.update_sizes, args.ks, args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": _machine(), "rows": rows}, f, indent=1)
+    if args.updates_only:
+        return
     print(f"lgf(optax.sgd), K={K}, rank={RANK}, degree={DEGREE}, float32 parameters\n")
     header = (
         f"{'n':>9} {'buffer':>8} {'floor ms':>9} {'surr ms':>9} {'surr/floor':>10} "

@@ -99,6 +99,30 @@ def once_or_never(when, fn, carry):
     return jax.lax.while_loop(lambda c: ~c[0], body, (~when, carry))[1]
 
 
+def tied(tree, deps, never):
+    """`tree`, unchanged, made to depend on `deps`: for in-place writes after reads.
+
+    A once-or-never loop updates its carry in place, so XLA must run every earlier
+    read of that operand first. When the reads and the loop are not linked by data
+    (a conditional reads the POD origin, a loop then refits it), XLA cannot tell, and
+    copies the whole operand on every update instead. Here each array's first entry
+    is rewritten as itself unless `never` (a traced bool that is False at run time,
+    which XLA cannot prove) holds, in which case it would take a value of `deps`. The
+    value is bitwise unchanged, the write is one element in place, and every read that
+    produced `deps` now comes first. (An optimisation barrier does not do this.)
+    """
+    first = [jnp.ravel(x)[:1] for x in jax.tree_util.tree_leaves(deps) if jnp.size(x)]
+    dep = jnp.concatenate([f.astype(jnp.float32) for f in first]).sum()
+
+    def tie(x):
+        if not isinstance(x, jax.Array) or x.size == 0:
+            return x
+        at = (0,) * x.ndim
+        return x.at[at].set(jnp.where(never, dep.astype(x.dtype), x[at]))
+
+    return jax.tree_util.tree_map(tie, tree)
+
+
 def _zeros_along(leaf, rows: int, dtype):
     """Zeros of shape ``(rows, *leaf.shape)``, sharded like `leaf` along its own axes."""
     zeros = jnp.zeros((rows,) + jnp.shape(leaf), dtype)

@@ -98,6 +98,7 @@ from ._lgf import (
     once_or_never,
     rows_like,
     schedule_reads,
+    tied,
     zero_info,
 )
 from ._library import library_size
@@ -262,11 +263,20 @@ def _warn_if_ungated(before, after) -> None:
 def _all_finite(*trees):
     """Whether every entry of `trees` (of one structure and leaf shapes) is finite.
 
-    One reduction per leaf position, with the elementwise ``&`` fused into it: a
-    gradient and the base's update of it cost the kernels of one check, not two.
+    One floating-point sum per leaf position of ``x * 0`` (NaN exactly when some ``x``
+    is not finite), so that the check is one fused read of its operands: a boolean
+    reduction would write an ``n``-sized mask first. Integer leaves are always finite.
     """
-    both = jax.tree.map(lambda *xs: functools.reduce(operator.and_, map(jnp.isfinite, xs)), *trees)
-    return jnp.all(jnp.stack([jnp.all(m) for m in jax.tree.leaves(both)]))
+
+    def zero_or_nan(*xs):
+        xs = [x for x in xs if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+        if not xs or not all(jnp.size(x) for x in xs):
+            return jnp.zeros((), jnp.float32)
+        total = functools.reduce(operator.add, (jnp.real(x) * 0 + jnp.imag(x) * 0 for x in xs))
+        return jnp.sum(total, dtype=jnp.float32)
+
+    sums = jax.tree.leaves(jax.tree.map(zero_or_nan, *trees))
+    return jnp.isfinite(functools.reduce(operator.add, sums, jnp.zeros((), jnp.float32)))
 
 
 def _relative_error(predicted, measured):
@@ -376,19 +386,23 @@ def verified_update(
     if _simulated_devices():
         host_warning(ungated)
     skipped = is_true & (code == NONFINITE_GRADIENT)
-    # 2. The first true step after a phase judges it, for free.
-    measured = target_fn(updates, step)
+    backoff, probing, scale = back_off(sch, is_true & ~skipped)
+    # 2. The first true step after a phase judges it, for free. What the true step
+    # measured (from its step before `back_off`'s power-of-two scale, exactly) is
+    # computed where it is used (the judgement, the record, the fit), each taken only
+    # on true steps: a surrogate step never pays an O(n) pass for it.
+    true_step = step
+
+    def measured():
+        return target_fn(updates, jax.tree.map(lambda u: u / scale.astype(u.dtype), true_step))
+
     judging = is_true & sch.verify
     err, agree, undo = judge(judging, model, params, measured, value, state.anchor, cfg)
-    backoff, probing, step = back_off(sch, is_true & ~skipped, step)
-    # An undefined loss sends the iterate back to the last true iterate, which beats
-    # undoing to an anchor that may itself be the undefined point.
-    step, lost = retreat(skipped, value, state.buffers, params, step)
+    # An undefined loss sends the iterate back to the last true iterate (below), which
+    # beats undoing to an anchor that may itself be the undefined point.
+    lost = is_lost(skipped, value, state.buffers)
     undo = undo & ~lost
-    step = optax.tree.where(
-        undo, optax.tree.cast_like(optax.tree.sub(state.anchor.params, params), step), step
-    )
-    base_state = optax.tree.where(undo, state.anchor.base_state, base_state)
+    step, base_state = undo_phase(undo, state.anchor, params, step, base_state)
     disagree = judging & ~agree
     # With `drift`, a phase that lowered the loss keeps going after a refit at once.
     # After a retreat the learned flow takes over at once (where the base's own step
@@ -399,13 +413,26 @@ def verified_update(
     code = jnp.where(
         skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
     )
-    # 3. Record the pair (never a point that is being undone, nor a skipped step).
+    # 3. Record the pair (never a point that is being undone, nor a skipped step), then
+    # read the buffer for a retreat: in-place writes come before reads (see `tied`).
     buffers = record(state.buffers, is_true & ~undo & ~skipped, params, measured)
+    step = retreat(lost, buffers, params, step)
     # 4. The schedule; 5. the fit, once or never, where the next step starts.
     nxt = schedule_step(sch, cfg, code, agree, undo, buffers.filled >= K, resume, err)
-    next_params = optax.tree.add(params, step)
-    model, fit_info = fit_model(
-        nxt.want_fit, model, info, buffers, next_params, step, measured, cfg
+    loss = jnp.asarray(jnp.inf if value is None else value, dtype)
+    loss = jnp.where(jnp.isfinite(loss), loss, jnp.inf)  # unknown at a retreat
+    # The fit writes the model and the anchor in place: ordered after their reads.
+    model, anchor = tied((model, state.anchor), (step, base_state, err, code), buffers.head < 0)
+    model, anchor, fit_info = fit_model(
+        nxt.want_fit,
+        model,
+        info,
+        buffers,
+        Anchor(params, base_state, loss),
+        anchor,
+        step,
+        measured,
+        cfg,
     )
     fit_ok = nxt.want_fit & (fit_info.status == OK)
     fit_failed = nxt.want_fit & (fit_info.status != OK)
@@ -413,9 +440,6 @@ def verified_update(
     failed = nxt.failed | fit_failed
     todo = jnp.where(fit_ok, nxt.length, nxt.todo)
     todo = jnp.where(nxt.phase_over | fit_failed, cfg.refresh, todo)
-    loss = jnp.asarray(jnp.inf if value is None else value, dtype)
-    loss = jnp.where(jnp.isfinite(loss), loss, jnp.inf)  # unknown at a retreat
-    anchor = optax.tree.where(fit_ok, Anchor(next_params, base_state, loss), state.anchor)
     kept = ~is_true & (code == OK)
     new_state = VerifiedState(
         schedule=Schedule(
@@ -446,6 +470,10 @@ def verified_update(
             ungated=info.ungated + ungated,
         ),
     )
+    # Every read of `params` above (the loops, the conditionals) comes before the
+    # caller's in-place ``params + step`` once `step` depends on their results; else XLA
+    # copies the parameters on every update.
+    step = tied(step, (buffers.head, fit_info.status, err, code), buffers.head < 0)
     return optax.tree.cast_like(step, updates), new_state
 
 
@@ -518,7 +546,13 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
     def true_step(base_state):
         new_updates, new_base = base_update(updates, base_state, params, **extra_args)
         finite = _all_finite(updates, new_updates)
-        new_updates = optax.tree.where(finite, optax.tree.cast_like(new_updates, updates), zeros)
+        # Skipped if not finite, scaled after retreats (`back_off`): one select.
+        scale = back_off(sch, finite)[2]
+        new_updates = jax.tree_util.tree_map(
+            lambda u, g: jnp.where(finite, (u * scale.astype(u.dtype)).astype(g.dtype), 0),
+            new_updates,
+            updates,
+        )
         new_base = optax.tree.where(finite, new_base, base_state)
         code = jnp.where(finite, OK, NONFINITE_GRADIENT).astype(jnp.int32)
         return new_updates, new_base, code, jnp.asarray(False)
@@ -544,16 +578,20 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
     base_state = state.base_state
     if cfg.restore_state:
         # The judging true step starts from a restored base state (Adam's moments as
-        # they were where the phase began), as the front-end's `restore_fn` decides.
-        judging = (sch.phase == 0) & sch.verify
-        anchor_state = state.anchor.base_state
-        restored = anchor_state if restore_fn is None else restore_fn(anchor_state, base_state)
-        base_state = optax.tree.where(judging, restored, base_state)
+        # they were where the phase began), as the front-end's `restore_fn` decides
+        # (once or never: other updates read nothing of the anchor for it).
+        def restore(base_state):
+            anchor_state = state.anchor.base_state
+            return anchor_state if restore_fn is None else restore_fn(anchor_state, base_state)
+
+        base_state = once_or_never((sch.phase == 0) & sch.verify, restore, base_state)
     return jax.lax.cond(sch.phase == 0, true_step, surrogate_step, base_state)
 
 
-def judge(judging, model: Model, params, measured, value, anchor: Anchor, cfg):
+def judge(judging, model: Model, params, measure, value, anchor: Anchor, cfg):
     """``(flow error, agree, undo)`` of the phase a true step ends (all False if not).
+
+    `measure()` is what the true step measured (called only when `judging`).
 
     The flow error is relative, in the model's own coordinates: a POD model can only be
     right about the part of the measurement inside its subspace (the rest is what the
@@ -564,6 +602,7 @@ def judge(judging, model: Model, params, measured, value, anchor: Anchor, cfg):
     dtype = model.coefficients.dtype
 
     def flow_error(_):
+        measured = measure()
         sm = _surrogate_model(model, cfg.fit.degree, cfg.fit.include_bias, params)
         predicted = sm.flow(0.0, sm.project(params, dtype))
         if model.basis is None:
@@ -591,30 +630,54 @@ def judge(judging, model: Model, params, measured, value, anchor: Anchor, cfg):
     return err, agree, undo
 
 
-def retreat(skipped, value, buf: Buffers, params, step):
-    """``(step, lost)``: the way back to the last true iterate if the loss here is not finite.
+def is_lost(skipped, value, buf: Buffers):
+    """Whether a skipped true step (non-finite gradient) found the loss here not finite.
 
-    A skipped true step (non-finite gradient) leaves the iterate where it is, unless
-    the loss there is not finite too (`value`): the point itself is bad (e.g. a step of
-    the base overshot into a region where the objective is undefined), so the iterate
-    returns to the last recorded true iterate, whose gradient was finite.
+    Then the point itself is bad (e.g. a step of the base overshot into a region where
+    the objective is undefined), and `retreat` returns to the last recorded true
+    iterate, whose gradient was finite. Without `value` there is no retreat.
     """
     if value is None:
-        return step, jnp.asarray(False)
-    dtype = jnp.result_type(value)
+        return jnp.asarray(False)
+    return skipped & ~jnp.isfinite(jnp.asarray(value, jnp.result_type(value))) & (buf.filled > 0)
+
+
+def retreat(lost, buf: Buffers, params, step):
+    """`step`, or if `lost` the way back to the last recorded true iterate.
+
+    The row is read in a loop taken once or never: an update that does not retreat
+    reads nothing of the buffer.
+    """
     rows = jax.tree_util.tree_leaves(buf.points)[0].shape[0]
-    lost = skipped & ~jnp.isfinite(jnp.asarray(value, dtype)) & (buf.filled > 0)
-    last = jax.tree_util.tree_map(lambda b: b[(buf.head - 1) % rows], buf.points)
-    back = optax.tree.cast_like(optax.tree.sub(optax.tree.cast_like(last, params), params), step)
-    return optax.tree.where(lost, back, step), lost
+
+    def back(_):
+        row = (buf.head - 1) % rows
+        last = jax.tree_util.tree_map(
+            lambda b: jax.lax.dynamic_index_in_dim(b, row, keepdims=False), buf.points
+        )
+        return optax.tree.cast_like(
+            optax.tree.sub(optax.tree.cast_like(last, params), params), step
+        )
+
+    return once_or_never(lost, back, step)
+
+
+def undo_phase(undo, anchor: Anchor, params, step, base_state):
+    """``(step, base_state)`` back to where the phase began if `undo` (once or never)."""
+
+    def back(_):
+        way = optax.tree.sub(anchor.params, params)
+        return optax.tree.cast_like(way, step), anchor.base_state
+
+    return once_or_never(undo, back, (step, base_state))
 
 
 # 2**-20 of the base's step: any longer retreat streak means the point is a dead end.
 MAX_BACKOFF = 20
 
 
-def back_off(sch: Schedule, fine, step):
-    """``(backoff, probing, step)``: the base's step scaled after retreats.
+def back_off(sch: Schedule, fine):
+    """``(backoff, probing, scale)``: the base's step is scaled by `scale` after retreats.
 
     A retreat (see `retreat`) means the base's own step from the last true iterate
     landed where the loss is undefined; taken again from there it would land there
@@ -625,17 +688,13 @@ def back_off(sch: Schedule, fine, step):
     the step is the base's, bitwise (a power-of-two scale is exact).
     """
     backoff = jnp.maximum(sch.backoff - (fine & sch.probing), 0)
-    scale = jnp.ldexp(jnp.ones(()), -backoff)
-
-    def scaled(x):
-        return jnp.where(fine, x * scale.astype(x.dtype), x)
-
+    scale = jnp.where(fine, jnp.ldexp(jnp.ones(()), -backoff), 1.0)
     probing = jnp.where(fine, backoff > 0, sch.probing)
-    return backoff, probing, jax.tree_util.tree_map(scaled, step)
+    return backoff, probing, scale
 
 
-def record(buf: Buffers, when, params, measured) -> Buffers:
-    """`buf` with the pair (params, measured) written at its head if `when`.
+def record(buf: Buffers, when, params, measure) -> Buffers:
+    """`buf` with the pair (params, ``measure()``) written at its head if `when`.
 
     The write is a loop taken once or never, so the (K, n) buffers are updated in
     place and nothing is read when `when` is false.
@@ -647,7 +706,7 @@ def record(buf: Buffers, when, params, measured) -> Buffers:
         put = lambda t, x: t.at[buf.head].set(x.astype(t.dtype))  # noqa: E731
         return (
             jax.tree_util.tree_map(put, points, params),
-            jax.tree_util.tree_map(put, targets, measured),
+            jax.tree_util.tree_map(put, targets, measure()),
         )
 
     points, targets = once_or_never(when, write, (buf.points, buf.targets))
@@ -711,21 +770,34 @@ def schedule_step(
     )
 
 
-def fit_model(when, model: Model, info: VerifiedInfo, buf: Buffers, at, last_step, measured, cfg):
-    """``(model, info)`` refitted to the buffered pairs if `when` (once or never).
+def fit_model(
+    when,
+    model: Model,
+    info: VerifiedInfo,
+    buf: Buffers,
+    start: Anchor,
+    anchor: Anchor,
+    last_step,
+    measure,
+    cfg,
+):
+    """``(model, anchor, info)`` refitted to the buffered pairs if `when` (once or never).
 
-    The POD is centred at `at` (where the next surrogate step starts); the trust
-    region is `max_step_ratio` times the last step; the drift (if kept) is the part of
-    `measured`, the last true step's measurement, outside the new basis.
-    ``info.status`` is the fit's status (`OK` when no fit ran); the engine folds it into
-    the step's status.
+    The POD is centred at ``start.params + last_step`` (where the next surrogate step
+    starts), which with the rest of `start` becomes the anchor of the phase if the fit
+    succeeds; the trust region is `max_step_ratio` times the last step;
+    the drift (if kept) is the part of ``measure()``, the last true step's measurement,
+    outside the new basis. Model and anchor are written inside the loop, so an update
+    that does not fit touches neither. ``info.status`` is the fit's status (`OK` when
+    no fit ran); the engine folds it into the step's status.
     """
     dtype = model.coefficients.dtype
     rank = None if model.basis is None else jax.tree_util.tree_leaves(model.basis)[0].shape[0]
     fit_cfg = dataclasses.replace(cfg.fit, rank=rank)  # "auto" was resolved at init
 
     def do_fit(carry):
-        (_, basis, origin, _, drift, out_basis), _ = carry
+        ((_, basis, origin, _, drift, out_basis), anchor), _ = carry
+        at = optax.tree.add(start.params, last_step)
         o = None if origin is None else optax.tree.cast_like(at, origin)
         fit = fit_pairs(fit_cfg, buf.points, buf.targets, o, dtype, cfg.target_basis)
         scale = optax.tree.norm(last_step).astype(dtype)
@@ -736,20 +808,26 @@ def fit_model(when, model: Model, info: VerifiedInfo, buf: Buffers, at, last_ste
         )
         new_basis = optax.tree.cast_like(fit.basis, basis)
         if drift is not None:
+            measured = measure()
             inside = tree_lift(new_basis, tree_project(new_basis, measured, dtype), drift)
             drift = optax.tree.sub(optax.tree.cast_like(measured, drift), inside)
         if out_basis is not None:
             out_basis = optax.tree.cast_like(fit.out_basis, out_basis)
         new_model = Model(fit.coefficients.astype(dtype), new_basis, o, bound, drift, out_basis)
-        return new_model, (
+        anchor = optax.tree.where(fit.status == OK, start._replace(params=at), anchor)
+        return (new_model, anchor), (
             fit.residual.astype(dtype),
             fit.active.astype(jnp.int32),
             fit.energy.astype(dtype),
             fit.status.astype(jnp.int32),
         )
 
-    carry = (model, (info.fit_residual, info.active_terms, info.pod_energy, _i32(OK)))
-    model, (residual, active, energy, status) = once_or_never(when, do_fit, carry)
-    return model, info._replace(
-        fit_residual=residual, active_terms=active, pod_energy=energy, status=status
+    fit_info = (info.fit_residual, info.active_terms, info.pod_energy, _i32(OK))
+    (model, anchor), (residual, active, energy, status) = once_or_never(
+        when, do_fit, ((model, anchor), fit_info)
+    )
+    return (
+        model,
+        anchor,
+        info._replace(fit_residual=residual, active_terms=active, pod_energy=energy, status=status),
     )
