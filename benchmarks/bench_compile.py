@@ -202,8 +202,9 @@ def parts(params, K, rank, degree, dtype, adam=False, flat=False):
     import diffrax
 
     from lgfjax._adam import adam_base, adam_surrogate
+    from lgfjax._engine import SurrogateModel
     from lgfjax._fit import FitConfig
-    from lgfjax._lgf import SurrogateModel, velocity_surrogate
+    from lgfjax._lgf import velocity_surrogate
 
     cfg = FitConfig(
         history_size=K,

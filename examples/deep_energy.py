@@ -9,6 +9,15 @@ and integrates the Adam ODE with a learned gradient for the other 15.
 
     python examples/deep_energy.py             # default grid, a few minutes on 2 cores
     python examples/deep_energy.py --paper     # the 99^3 grid
+
+With `--collocation random` the loss is a Monte Carlo estimate instead: `--points`
+(5,000, the paper's choice) points drawn uniformly in the cube at every true gradient,
+from a sequence fixed by `--seed` (the j-th true gradient of every optimiser sees the
+same points). Adam, LGF-Adam and the default `lgf_adam(lr)` are then judged by the
+energy on the fixed `--grid` (midpoint rule) and by how far their displacement
+fields on that grid are from Adam's:
+
+    python examples/deep_energy.py --collocation random --steps 1000 --points 1000
 """
 
 import argparse
@@ -70,6 +79,25 @@ def energy_density(params, static, x):
 def make_loss(static, points, weight):
     def loss(params):
         return weight * jnp.sum(jax.vmap(lambda x: energy_density(params, static, x))(points))
+
+    return loss
+
+
+def random_points(key, index, count: int):
+    """The `count` collocation points of the `index`-th true gradient, uniform in the cube.
+
+    A function of (`key`, `index`) only, so every optimiser sees the same sequence of
+    point sets, one per true gradient, whatever steps it takes in between.
+    """
+    dtype = jnp.result_type(float)  # float64 under jax_enable_x64
+    return jax.random.uniform(jax.random.fold_in(key, index), (count, 3), dtype)
+
+
+def make_random_loss(static):
+    """``loss(params, points)``: the Monte Carlo energy (the cube's volume is 1)."""
+
+    def loss(params, points):
+        return jnp.mean(jax.vmap(lambda x: energy_density(params, static, x))(points))
 
     return loss
 
@@ -237,6 +265,156 @@ def plot(out, path):
     plt.close(fig)
 
 
+def run_random(opt, loss, energy, params, steps: int, key, count: int, every: int):
+    """`steps` updates with points redrawn for each true gradient (`random_points`).
+
+    The points of an update are those of the true gradient it would take: the
+    optimiser's evaluations so far (Adam: its step). Returns the final params and
+    state, the evaluations after each update (true gradients plus any `value_fn`
+    calls), the fixed-grid `energy` after every `every`-th update and the last (NaN
+    elsewhere), and the wall time of the run without compilation.
+    """
+    grad_fn = lgfjax.value_and_grad(loss)
+    state = opt.init(params)
+    lgf = isinstance(state, lgfjax.LGFState | lgfjax.VerifiedState)
+
+    def body(carry, step):
+        p, s = carry
+        if lgf:
+            points = random_points(key, lgfjax.gradient_evaluations(s), count)
+            value, g = grad_fn(p, s, points)
+            u, s = opt.update(g, s, p, value=value, value_fn=lambda q: loss(q, points))
+            spent = lgfjax.gradient_evaluations(s) + s.info.value_evaluations
+        else:
+            g = jax.grad(loss)(p, random_points(key, step, count))
+            u, s = opt.update(g, s, p)
+            spent = step + 1
+        p = optax.apply_updates(p, u)
+        due = ((step + 1) % every == 0) | (step == steps - 1)
+        e = jax.lax.cond(due, energy, lambda q: jnp.full((), jnp.nan, jnp.result_type(float)), p)
+        return (p, s), (spent, e)
+
+    def all_steps(p, s):
+        return jax.lax.scan(body, (p, s), jnp.arange(steps))
+
+    compiled = jax.jit(all_steps).lower(params, state).compile()
+    start = time.perf_counter()
+    (params, state), (spent, energies) = compiled(params, state)
+    jax.block_until_ready(energies)
+    seconds = time.perf_counter() - start
+    return params, state, np.asarray(spent), np.asarray(energies), seconds
+
+
+def compare_random(
+    steps: int = 2000, n: int = 16, count: int = 5000, seed: int = 0, every: int = 10
+):
+    """Adam, LGF-Adam (the fixed K, M) and the default `lgf_adam(LR)`, each for `steps`
+    updates with `count` random points per true gradient; judged on the fixed n^3 grid.
+    """
+    params, static = make_model(jax.random.PRNGKey(seed))
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    points, weight = grid(n)
+    energy = make_loss(static, points, weight)
+    loss = make_random_loss(static)
+    optimisers = {
+        "Adam": optax.adam(LR),
+        "LGF-Adam": lgf_adam(LR, history_size=K, retrain_interval=M, rank=RANK),
+        "LGF-Adam default": lgf_adam(LR),
+    }
+    out = {"grid": n, "steps": steps, "points": count, "seed": seed, "runs": {}}
+    for name, opt in optimisers.items():
+        final, state, spent, energies, seconds = run_random(
+            opt, loss, energy, params, steps, key, count, every
+        )
+        field = jax.vmap(displacement, in_axes=(None, None, 0))(final, static, points)
+        out["runs"][name] = dict(
+            state=state,
+            spent=spent,
+            energies=energies,
+            seconds=seconds,
+            field=np.asarray(field),
+            evaluations=int(spent[-1]),
+            final_energy=float(energies[-1]),
+        )
+    adam = out["runs"]["Adam"]
+    for r in out["runs"].values():
+        r["relative_error"] = float(
+            np.linalg.norm(r["field"] - adam["field"]) / np.linalg.norm(adam["field"])
+        )
+        hit = np.flatnonzero(r["energies"] <= adam["final_energy"])  # NaN never counts
+        r["to_adam"] = int(r["spent"][hit[0]]) if hit.size else None
+    return out
+
+
+def table_random(out) -> str:
+    runs = out["runs"]
+
+    def lgf_counts(r):
+        """(surrogate steps kept / refused, phases confirmed / judged), "-" where none."""
+        state = r["state"]
+        if not isinstance(state, lgfjax.LGFState | lgfjax.VerifiedState):
+            return "-", "-"
+        d = lgfjax.diagnostics(state)
+        judged = "-"  # the fixed schedule judges no phases
+        if isinstance(state, lgfjax.VerifiedState):
+            judged = f"{int(state.info.verified)} / {int(state.info.verifications)}"
+        return f"{int(d.accepted)} / {int(d.rejected)}", judged
+
+    rows = {
+        "evaluations (gradients + value_fn calls)": [r["evaluations"] for r in runs.values()],
+        "energy on the fixed grid": [f"{r['final_energy']:.6f}" for r in runs.values()],
+        "evaluations to Adam's final energy": [r["to_adam"] or "never" for r in runs.values()],
+        "||u - u_Adam|| / ||u_Adam|| on the grid": [
+            f"{r['relative_error']:.3e}" for r in runs.values()
+        ],
+        "wall time of the run [s]": [f"{r['seconds']:.2f}" for r in runs.values()],
+        "surrogate steps kept / refused": [lgf_counts(r)[0] for r in runs.values()],
+        "phases confirmed / judged": [lgf_counts(r)[1] for r in runs.values()],
+    }
+    width = max(map(len, rows))
+    lines = [f"{'':{width}}" + "".join(f"  {name:>16}" for name in runs)]
+    for label, cells in rows.items():
+        lines.append(f"{label:{width}}" + "".join(f"  {str(c):>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot_random(out, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in out["runs"].items():
+        seen = np.isfinite(r["energies"])
+        ax.plot(r["spent"][seen], r["energies"][seen], label=f"{name} ({r['evaluations']} evals)")
+    lo = min(np.nanmin(r["energies"]) for r in out["runs"].values())
+    ax.set_ylim(lo - 0.05 * abs(lo), lo + 0.6 * abs(lo))
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel(f"energy on the fixed {out['grid']}^3 grid")
+    ax.set_title(f"Deep energy, {out['points']} random points per gradient, seed {out['seed']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main_random(args):
+    out = compare_random(args.steps, args.grid, args.points, args.seed, args.record_every)
+    print(
+        f"Deep energy method, random collocation: {args.points} points per true gradient "
+        f"(seed {args.seed}), {args.steps} steps, energy judged on the fixed {args.grid}^3 "
+        f"grid every {args.record_every} steps, lr={LR} (times measured on a shared machine)"
+    )
+    print(table_random(out))
+    if not args.no_plot:
+        os.makedirs(args.outdir, exist_ok=True)
+        path = os.path.join(args.outdir, "deep_energy_random.png")
+        plot_random(out, path)
+        print(f"plot: {path}")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
@@ -245,12 +423,27 @@ def main(argv=None):
     parser.add_argument("--paper", action="store_true", help="the 99^3 grid of the paper")
     parser.add_argument("--outdir", default=os.path.join(os.path.dirname(__file__), "outputs"))
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--collocation",
+        choices=("grid", "random"),
+        default="grid",
+        help="grid: the midpoint rule on the --grid (default); random: --points uniform "
+        "points per true gradient, judged on the --grid",
+    )
+    parser.add_argument("--points", type=int, default=5000, help="random points per gradient")
+    parser.add_argument("--seed", type=int, default=0, help="network and random points")
+    parser.add_argument(
+        "--record-every", type=int, default=10, help="random: fixed-grid energy every N steps"
+    )
     args = parser.parse_args(argv)
     n = 99 if args.paper else args.grid
     # The fit needs float64: the iterates of a cycle differ by ~1e-3 relative, so the
     # uncentred POD's Gram matrix loses all but its first mode in float32.
     jax.config.update("jax_enable_x64", True)
-    out = compare(args.steps, n, rank=args.rank or None)
+    if args.collocation == "random":
+        args.grid = n
+        return main_random(args)
+    out = compare(args.steps, n, rank=args.rank or None, seed=args.seed)
     print(
         f"Deep energy method: {out['n_weights']} weights, {n}^3 grid, {args.steps} steps, "
         f"K={K}, M={M}, lr={LR}, rank={out['rank'] or 'full'} (times measured on a "

@@ -10,6 +10,7 @@ from jaxtyping import Array, Int
 
 from ._flow import RK4, integrate_span
 from ._lgf import build_engine, fit_options, shared_options
+from ._noise import second_moment_scale
 from ._validate import _concrete, check_bool, check_nonnegative, check_positive
 
 
@@ -143,12 +144,16 @@ def adam_surrogate(
                 return -(m_ / c1) / (jnp.sqrt(v_hat) + eps)
 
             dm = jax.tree_util.tree_map(lambda g_, m_: (1 - b1) / eta * (g_ - m_), g, m)
-            dv = jax.tree_util.tree_map(lambda g_, v_: (1 - b2) / eta * (g_**2 - v_), g, v)
+            # A learned gradient is a mean: v relaxes toward E[g^2] = mean^2 / (1 - r^2)
+            # for measurements of relative noise r (exactly g^2 when they are exact).
+            dv = jax.tree_util.tree_map(lambda g_, v_: (1 - b2) / eta * (g_**2 * second - v_), g, v)
             if nu_max is None:
                 dadt = jax.tree_util.tree_map(lambda m_, v_: da(m_, v_, None), m, v)
             else:
                 dadt = jax.tree_util.tree_map(da, m, v, nu_max)
             return dadt, dm, dv
+
+        second = second_moment_scale(jnp.asarray(model.noise, dtype))
 
         def to_fit(tree):
             return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)

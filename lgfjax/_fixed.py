@@ -29,10 +29,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._fit import FitConfig, fit_flow
-from ._flow import PolynomialFlow
-from ._layout import compiled_init, init_in_layout, is_flat, update_in_layout
-from ._lgf import (
+from ._engine import (
     SurrogateModel,
     _fit_dtype,
     _i32,
@@ -42,6 +39,9 @@ from ._lgf import (
     schedule_reads,
     zero_info,
 )
+from ._fit import FitConfig, fit_flow
+from ._flow import PolynomialFlow
+from ._layout import compiled_init, init_in_layout, is_flat, update_in_layout
 from ._library import library_size
 from ._status import NONFINITE_STEP, OK, SOLVER_FAILED, STEP_TOO_LARGE, VALUE_REJECTED
 

@@ -11,7 +11,8 @@ from jaxtyping import Array, Float, Int
 
 from ._fixed import LGFState
 from ._layout import HOST_VALUES, jit_when
-from ._status import STATUS_MESSAGES
+from ._noise import scalar_error
+from ._status import STATUS_MESSAGES, Status
 from ._validate import _concrete
 from ._verified import UNGATED_WARNING, VerifiedState
 
@@ -67,50 +68,185 @@ def status_message(code: int) -> str:
 
 
 class Diagnostics(NamedTuple):
-    """A cheap summary of an LGF state, safe to log every step (all scalars)."""
+    """A cheap summary of an LGF state, safe to log every step (all scalars).
 
-    phase: Int[Array, ""]  # 0: next update is a true step; 1: surrogate step
+    Printed (``print(lgfjax.diagnostics(state))``), it shows plain numbers and the
+    status by name. The fields, and how to read them, are in the guide's
+    "Reading diagnostics" page; in short:
+
+    - `phase`: 0 if the next update is a true step (it needs a gradient), 1 if not;
+    - `steps`, `gradient_evaluations`, `value_evaluations`: updates applied, true
+      gradients consumed, and `value_fn` calls (a forward pass each);
+    - `accepted`, `rejected`: surrogate steps kept, and refused by a guard;
+    - `fallbacks`, `status`: events that cut a phase short, and the last one's reason
+      (an `lgfjax.Status`; not reset afterwards);
+    - `verifications`, `verified`, `verification_ratio`: phases judged by a true step,
+      how many it confirmed, and their ratio (the best single indicator that LGF pays
+      off); `inconclusive`: judged phases whose change of the loss was within its
+      noise; `flow_error`: the flow's relative error at the last judgement;
+    - `noise`, `loss_noise`: the recorded measurements' relative noise (near 0 for a
+      deterministic objective, about 1 or more for small mini-batches) and the
+      loss's standard error at the last true step;
+    - `next_phase_length`: the length planned for the next surrogate phase (fixed
+      schedule: surrogate steps per cycle);
+    - `fit_residual`, `active_terms`, `pod_energy`: the last fit;
+    - `ungated_gradients`: surrogate steps handed a non-zero gradient (must be 0).
+
+    The fixed schedule does not track the verified schedule's judgements: those
+    fields are -1 (counts) or NaN there.
+    """
+
+    phase: Int[Array, ""]
     steps: Int[Array, ""]
     gradient_evaluations: Int[Array, ""]
     value_evaluations: Int[Array, ""]
-    fit_residual: Float[Array, ""]
-    active_terms: Int[Array, ""]
-    pod_energy: Float[Array, ""]
     accepted: Int[Array, ""]
     rejected: Int[Array, ""]
     fallbacks: Int[Array, ""]
     status: Int[Array, ""]
-    surrogate_steps: Int[Array, ""]
-    # Surrogate steps that were handed a non-zero gradient: the objective ran although
-    # no true step was due, so nothing was saved (use `lgfjax.value_and_grad`). -1
-    # where not tracked (the fixed schedule).
+    verifications: Int[Array, ""]
+    verified: Int[Array, ""]
+    verification_ratio: Float[Array, ""]
+    inconclusive: Int[Array, ""]
+    flow_error: Float[Array, ""]
+    noise: Float[Array, ""]
+    loss_noise: Float[Array, ""]
+    next_phase_length: Int[Array, ""]
+    fit_residual: Float[Array, ""]
+    active_terms: Int[Array, ""]
+    pod_energy: Float[Array, ""]
     ungated_gradients: Int[Array, ""]
+
+    @property
+    def surrogate_steps(self):
+        """Deprecated name of `next_phase_length`."""
+        warnings.warn(
+            "`Diagnostics.surrogate_steps` is now `next_phase_length` (the length planned "
+            "for the next surrogate phase, not a count of steps taken).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.next_phase_length
+
+    def __repr__(self) -> str:
+        if not all(_concrete(x) and jnp.ndim(x) == 0 for x in self):
+            return "Diagnostics(" + ", ".join(f"{k}={v!r}" for k, v in self._asdict().items()) + ")"
+        parts = []
+        for name, x in self._asdict().items():
+            if name == "status":
+                code = int(x)
+                label = _STATUS_NAMES.get(code, str(code))
+                parts.append(f"status={label}")
+            elif jnp.issubdtype(jnp.result_type(x), jnp.integer):
+                parts.append(f"{name}={int(x)}")
+            else:
+                parts.append(f"{name}={float(x):.4g}")
+        return "Diagnostics(" + ", ".join(parts) + ")"
+
+    __str__ = __repr__
 
 
 def diagnostics(state) -> Diagnostics:
-    """Diagnostics of the (possibly nested) LGF state; see `Diagnostics`."""
+    """Diagnostics of the (possibly nested) LGF state; see `Diagnostics`.
+
+    Outside `jax.jit` it also warns, once per process and reason, when a verified run
+    handed surrogate steps a gradient (nothing was saved) or when its phases are rarely
+    confirmed (LGF is saving little on this problem).
+    """
     s = find_state(state)
-    shared = {f: getattr(s.info, f) for f in Diagnostics._fields if hasattr(s.info, f)}
+    info = s.info
     if isinstance(s, VerifiedState):
-        ungated = s.info.ungated
-        if _concrete(ungated) and int(ungated) > 0:
-            # The compiled step has no host callback (it would keep JAX's persistent
-            # compilation cache from storing the user's step), so the warning is here.
-            warnings.warn(UNGATED_WARNING, UserWarning, stacklevel=2)
+        _warn_if_concrete(s)
+        ratio = info.verified / jnp.maximum(info.verifications, 1)
         return Diagnostics(
             phase=s.schedule.phase,
             steps=s.schedule.count,
-            surrogate_steps=s.schedule.length,
-            ungated_gradients=s.info.ungated,
-            **shared,
+            gradient_evaluations=info.gradient_evaluations,
+            value_evaluations=info.value_evaluations,
+            accepted=info.accepted,
+            rejected=info.rejected,
+            fallbacks=info.fallbacks,
+            status=info.status,
+            verifications=info.verifications,
+            verified=info.verified,
+            verification_ratio=ratio.astype(info.flow_error.dtype),
+            inconclusive=info.inconclusive,
+            flow_error=info.flow_error,
+            noise=s.model.noise,
+            loss_noise=_loss_noise(s),
+            next_phase_length=s.schedule.length,
+            fit_residual=info.fit_residual,
+            active_terms=info.active_terms,
+            pod_energy=info.pod_energy,
+            ungated_gradients=info.ungated,
         )
+    nan = jnp.full((), jnp.nan, info.fit_residual.dtype)
+    none = jnp.full((), -1, jnp.int32)
     return Diagnostics(
         phase=s.schedule.phase,
         steps=s.schedule.count,
-        surrogate_steps=s.schedule.surrogate_steps,
-        ungated_gradients=jnp.full((), -1, jnp.int32),
-        **shared,
+        gradient_evaluations=info.gradient_evaluations,
+        value_evaluations=info.value_evaluations,
+        accepted=info.accepted,
+        rejected=info.rejected,
+        fallbacks=info.fallbacks,
+        status=info.status,
+        verifications=none,
+        verified=none,
+        verification_ratio=nan,
+        inconclusive=none,
+        flow_error=nan,
+        noise=nan,
+        loss_noise=nan,
+        next_phase_length=s.schedule.surrogate_steps,
+        fit_residual=info.fit_residual,
+        active_terms=info.active_terms,
+        pod_energy=info.pod_energy,
+        ungated_gradients=none,
     )
+
+
+def _loss_noise(s: VerifiedState):
+    return scalar_error(s.noise)
+
+
+_STATUS_NAMES = {int(code): code.name for code in Status}
+_WARNED: set[str] = set()
+# A verified run whose phases the next true step confirms this rarely saves little.
+RARELY = 0.2
+RARELY_AFTER = 20  # judged phases before the warning can fire
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _warn_if_concrete(s: VerifiedState) -> None:
+    info = s.info
+    if not all(_concrete(x) for x in (info.ungated, info.verified, info.verifications)):
+        return
+    if int(info.ungated) > 0:
+        # The compiled step has no host callback (it would keep JAX's persistent
+        # compilation cache from storing the user's step), so the warning is here.
+        warnings.warn(UNGATED_WARNING, UserWarning, stacklevel=3)
+    judged = int(info.verifications)
+    if judged >= RARELY_AFTER and int(info.verified) < RARELY * judged:
+        noise = float(s.model.noise) if _concrete(s.model.noise) else 0.0
+        why = (
+            f" The recorded gradients are noisy (relative noise {noise:.2g}, as with small "
+            "mini-batches): one true step says little about the learned flow, and phases "
+            "stay short. Larger batches, or the base optimiser alone, may serve better."
+            if noise > 0.5
+            else " The base's path is not well described by a low-order model in a few "
+            "POD modes here (see the guide's 'When to use it')."
+        )
+        _warn_once(
+            "rarely",
+            f"lgfjax: only {int(info.verified)} of {judged} surrogate phases were confirmed "
+            f"by the next true step, so LGF is saving few gradients on this problem.{why}",
+        )
 
 
 def _placeholder(shape_dtype, fill):
@@ -217,33 +353,47 @@ def _jit_if_arrays(fn: Callable) -> Callable:
     return jit_when(fn, lambda leaf: isinstance(leaf, (*HOST_VALUES, jax.Array)))
 
 
+def _is_operand(leaf) -> bool:
+    """Whether a leaf can pass through `jax.lax.cond` (an array or a number)."""
+    return isinstance(leaf, (*HOST_VALUES, bool, jax.Array)) or isinstance(leaf, jax.core.Tracer)
+
+
 def when_needed(fn: Callable) -> Callable:
     """``fn(params, *args, **kwargs) -> (value, result)`` gated on `needs_gradient`.
 
     Returns ``(params, state, *args, **kwargs) -> (value, result)`` that runs `fn`
     inside `jax.lax.cond` only when the optimiser state asks for a true step; otherwise
-    the value tree is NaN and the result tree zeros, of the same shapes.
+    the value tree is NaN and the result tree zeros, of the same shapes. Only the
+    arrays and numbers among the arguments are operands of the conditional; other
+    leaves (an equinox model's static parts, a function, a string) are passed to `fn`
+    as they are.
     """
 
     def wrapped(params, state, *args, **kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+        dynamic = [leaf if _is_operand(leaf) else None for leaf in leaves]
+        static = [None if _is_operand(leaf) else leaf for leaf in leaves]
         traced = []  # the shapes `evaluate` returned, so that `fn` is traced once
 
+        def call(operands):
+            merged = [d if s is None else s for d, s in zip(operands, static)]
+            p, a, k = jax.tree_util.tree_unflatten(treedef, merged)
+            return fn(p, *a, **k)
+
         def evaluate(operands):
-            p, a, k = operands
-            out = fn(p, *a, **k)
+            out = call(operands)
             traced.append(
                 jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), out)
             )
             return out
 
         def skip(operands):
-            p, a, k = operands
             # `lax.cond` traces `evaluate` first; should it not, `fn` is traced again.
-            value_shapes, result_shapes = traced[-1] if traced else jax.eval_shape(fn, p, *a, **k)
+            value_shapes, result_shapes = traced[-1] if traced else jax.eval_shape(call, operands)
             value = jax.tree_util.tree_map(lambda s: _placeholder(s, jnp.nan), value_shapes)
             result = jax.tree_util.tree_map(lambda s: _placeholder(s, 0.0), result_shapes)
             return value, result
 
-        return jax.lax.cond(needs_gradient(state), evaluate, skip, (params, args, kwargs))
+        return jax.lax.cond(needs_gradient(state), evaluate, skip, dynamic)
 
     return wrapped

@@ -24,6 +24,7 @@ class Status(enum.IntEnum):
     FLOW_DISAGREED = 8
     LOSS_ROSE = 9
     NONFINITE_GRADIENT = 10
+    LOSS_INCONCLUSIVE = 11
 
 
 # Module-level names kept for the engine code.
@@ -38,6 +39,7 @@ VALUE_REJECTED = Status.VALUE_REJECTED.value
 FLOW_DISAGREED = Status.FLOW_DISAGREED.value
 LOSS_ROSE = Status.LOSS_ROSE.value
 NONFINITE_GRADIENT = Status.NONFINITE_GRADIENT.value
+LOSS_INCONCLUSIVE = Status.LOSS_INCONCLUSIVE.value
 
 STATUS_MESSAGES = {
     OK: "ok",
@@ -53,5 +55,9 @@ STATUS_MESSAGES = {
     NONFINITE_GRADIENT: (
         "a true step's gradient or update was not finite; the step was skipped (and, if the "
         "loss there was not finite either, the iterate went back to the last true iterate)"
+    ),
+    LOSS_INCONCLUSIVE: (
+        "the loss changed over the surrogate phase by less than its noise (mini-batches); "
+        "kept, and the next phase is shorter"
     ),
 }

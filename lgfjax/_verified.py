@@ -2,75 +2,34 @@
 
 Every true step yields a pair (iterate, what the base measured there: its velocity
 ``update / dt``, or for Adam the gradient). The last `history_size` pairs live in a
-ring buffer, so a fit needs no contiguous window and every true step, including the
-one after a surrogate phase, is data. The first true step after a phase is also a
-free test of the model: the learned flow's prediction at that point is compared with
-what the base just measured there, and the loss (the `value` extra argument, which
-`lgfjax.value_and_grad` computes anyway) with the loss before the phase.
+ring buffer, so a fit needs no contiguous window and every true step is data. The first
+true step after a phase is also a free test of the model: the flow's prediction there
+is compared with what the base measured, and the loss (`value`) with the loss before
+the phase (`judge`; under mini-batch noise, see `lgfjax._noise`).
 
-- agreement (relative error at most `verify_tolerance`): refit with the new pair and
-  resume at once, with the next phase twice as long (up to `max_surrogate_steps`);
-- disagreement: keep the pair, take `refresh` more true steps, refit, and halve the
-  phase length; with `drift` (see below), a disagreement after a phase that lowered the
-  loss refits at once instead (the phase length still halves);
-- a rise of the loss (or, without `value`, a prediction farther from the truth than
-  "no motion at all", relative error > 1): undo the phase, back to where it began,
-  then as for disagreement;
+- agreement: refit with the new pair and resume at once, the next phase twice as long;
+- disagreement: take `refresh` more true steps, refit, and halve the phase length (with
+  `drift` or `resume_on_drop`, a phase that lowered the loss refits at once instead);
+- a rise of the loss beyond its noise (without `value`: a prediction farther from the
+  truth than standing still): undo the phase, then as for disagreement;
+- a change of the loss within its noise: keep the phase and its length;
 - a true step whose gradient is not finite is skipped; if the loss there is not finite
-  either, the base's previous step overshot into a region where the objective is
-  undefined: the iterate goes back to the last true iterate (`retreat`) and the learned
-  flow takes over from there at once (repeating the base's step would overshoot again);
-  each retreat also halves the true steps that follow, and each true step that finds
-  the point such a halved step reached well defined doubles them back (`back_off`).
+  either, the iterate returns to the last true iterate (`retreat`) and the following
+  true steps are halved until they land well (`back_off`).
 
-With `drift` (`lgf`'s velocity model with a POD rank), a surrogate step also moves
-the iterate along the part of the last measured velocity outside the POD basis, held
-fixed over the phase: the basis spans where the iterates went, not every direction the
-base is still moving in, and without this the surrogate stalls in those directions
-(topology optimisation: 2.6x the base's steps to its target). The flow error stays
-measured in the basis; the loss judges the rest.
+`VerifiedConfig`'s flags (`drift` for `lgf`; `restore_state`, `target_basis`,
+`resume_on_drop`, `length_from_error` for `lgf_adam`) and their measured reasons are in
+docs/design.md. The engine (`make_verified`) runs one `verified_update` in the parameter
+layout of `lgfjax._layout`, as five steps with explicit arguments: `take_step` (the
+base's true step, or one surrogate step with its guards), `judge`, `record` (the ring
+buffer), `schedule_step` (the pure schedule rule) and `fit_model` (the refit).
 
-Options that `lgf_adam` turns on (`VerifiedConfig` flags, off for `lgf`):
-
-- `restore_state`: the true step that judges a phase starts from the base's state
-  (Adam's moments and step count) as it was where the phase began, so a phase moves
-  the iterate only. Moments integrated with a learned gradient in a few POD directions
-  left later true Adam steps progressing about half as fast as Adam's own at the same
-  loss (deep energy, 560-weight MLP). `lgf_adam`'s `restore_fn` restores after phases
-  within the first moment's memory, ``1 / (1 - b1)`` steps, and keeps the integrated
-  moments after longer ones (whose start is stale: always restoring cost Rosenbrock
-  and a small MLP their final loss);
-- `target_basis`: the learned gradient's output lives in a POD basis
-  of the recorded gradients (its input stays the iterate's POD coordinates), and the
-  judged error is against the whole measured gradient, not its projection;
-- `resume_on_drop`: a disagreement after a phase that lowered the loss refits with the
-  judging pair and resumes at once (as with `drift`);
-- `length_from_error`: a judged phase that was not undone sets the next length to
-  ``length * verify_tolerance / error`` (within [length / 2, 2 length]): the error grows
-  about linearly with the length, so this aims the next phase at the tolerance.
-
-Together, on the deep energy example (full size) the default `lgf_adam` needs 0.66x
-Adam's gradients to the report's target instead of 1.23x (seeds 1, 2: 0.55x, 0.52x);
-without `restore_state` the other three make it worse (1.42x), so they come as one set.
-
-The engine (`make_verified`) runs one module-level `verified_update` in the parameter
-layout of `lgfjax._layout`; it reads as five module-level steps with explicit
-arguments: `take_step` (the base's true step, or one surrogate step
-with its guards), `judge` (the free verification), `record` (the ring buffer),
-`schedule_step` (the pure schedule rule) and `fit_model` (the refit). Where to add:
-
-- a base flow: a front-end passing its own ``surrogate_fn`` (one step of its ODE
-  over ``span * dt``) and ``target_fn`` (what a true step measured), as `lgf` (the
-  base's velocity) and `lgf_adam` (the gradient and the Adam ODE) do;
-- a guard: a status in `lgfjax.Status` and one line in `take_step` (surrogate) or
-  `judge` (verification); first failure wins;
-- a schedule rule: `schedule_step`, tested without an optimiser.
-
-Constraints the engine keeps (each was learned the hard way): the ``(K, n)`` buffers
-never pass through a `lax.cond`/`lax.switch` (XLA would copy them); conditional writes
-and the fit run in a while loop taken once or never (`once_or_never`); one array per
-counter, so states can be donated; shapes are fixed at `init` (nothing recompiles
-between steps or phases); on CPU, STLSQ solves its targets one at a time.
+Constraints it keeps: the ``(K, n)`` buffers never pass through a `lax.cond` or
+`lax.switch`, and no operation reads them before the loop that writes them in place (XLA
+would copy them on every update; `tests/test_scale.py` checks the compiled step); the
+model and anchor are written after their reads (`tied`); one array per counter, so
+states can be donated; shapes are fixed at `init`; on CPU, STLSQ solves its targets one
+at a time.
 """
 
 import dataclasses
@@ -87,10 +46,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._fit import FitConfig, fit_pairs
-from ._flow import PolynomialFlow
-from ._layout import compiled_init, init_in_layout, is_flat, update_in_layout
-from ._lgf import (
+from ._engine import (
     SurrogateModel,
     _fit_dtype,
     _i32,
@@ -101,11 +57,27 @@ from ._lgf import (
     tied,
     zero_info,
 )
+from ._fit import FitConfig, fit_pairs
+from ._flow import PolynomialFlow
+from ._layout import compiled_init, init_in_layout, is_flat, update_in_layout
 from ._library import library_size
-from ._pod import tree_lift, tree_project
+from ._noise import (
+    PAIRED_MIN_LENGTH,
+    LossNoise,
+    Z,
+    agreement_tolerance,
+    init_loss_noise,
+    mean_and_error,
+    measurement_noise,
+    scalar_error,
+    track,
+    verdict,
+)
+from ._pod import tree_gram, tree_lift, tree_project
 from ._sharding import gathered
 from ._status import (
     FLOW_DISAGREED,
+    LOSS_INCONCLUSIVE,
     LOSS_ROSE,
     NONFINITE_GRADIENT,
     NONFINITE_STEP,
@@ -132,6 +104,7 @@ class Buffers(NamedTuple):
     targets: PyTree[Array]  # leaves (K, *shape): the base's velocity (or gradient) there
     head: Int[Array, ""]  # next row to write
     filled: Int[Array, ""]  # rows holding data, up to K
+    stamps: Int[Array, " K"]  # update count at which each row was recorded (-1: empty)
 
 
 class Model(NamedTuple):
@@ -140,18 +113,20 @@ class Model(NamedTuple):
     origin: PyTree[Array] | None  # where the phase began (POD coordinates zero)
     step_bound: Float[Array, ""]  # trust region: longest surrogate step accepted
     drift: PyTree[Array] | None  # last measurement outside the basis (None without `drift`)
-    out_basis: PyTree[Array] | None = None  # with `target_basis`: POD basis of the targets
+    out_basis: PyTree[Array] | None  # with `target_basis`: POD basis of the targets
+    noise: Float[Array, ""]  # relative noise of the recorded measurements (`_noise`)
 
 
 class Anchor(NamedTuple):
     params: PyTree[Array]  # where the current phase began
     base_state: Any
     loss: Float[Array, ""]  # the last loss seen before the phase (inf if unknown)
+    loss_error: Float[Array, ""]  # its standard error (0: exact, or unknown)
 
 
 class VerifiedInfo(NamedTuple):
     gradient_evaluations: Int[Array, ""]  # true gradients consumed
-    value_evaluations: Int[Array, ""]  # value_fn calls (none in this schedule)
+    value_evaluations: Int[Array, ""]  # value_fn calls (the judging step's paired loss)
     fit_residual: Float[Array, ""]
     active_terms: Int[Array, ""]
     pod_energy: Float[Array, ""]
@@ -163,6 +138,7 @@ class VerifiedInfo(NamedTuple):
     status: Int[Array, ""]  # reason of the last fallback (`lgfjax.Status`)
     verifications: Int[Array, ""]  # phases judged by a true step
     verified: Int[Array, ""]  # of those, how many the true step confirmed
+    inconclusive: Int[Array, ""]  # of those, how many changed the loss within its noise
     flow_error: Float[Array, ""]  # relative error of the flow at the last judgement
     ungated: Int[Array, ""]  # surrogate steps handed a non-zero gradient (wasted work)
 
@@ -177,6 +153,7 @@ class VerifiedState(NamedTuple):
     model: Model
     anchor: Anchor
     info: VerifiedInfo
+    noise: LossNoise
 
 
 class VerifiedConfig(NamedTuple):
@@ -204,7 +181,9 @@ class VerifiedConfig(NamedTuple):
 def _surrogate_model(model: Model, degree, include_bias, params) -> SurrogateModel:
     unravel = flat_unravel(params) if model.basis is None else None
     flow = PolynomialFlow(model.coefficients, degree, include_bias)
-    return SurrogateModel(flow, model.basis, unravel, model.origin, model.drift, model.out_basis)
+    return SurrogateModel(
+        flow, model.basis, unravel, model.origin, model.drift, model.out_basis, model.noise
+    )
 
 
 UNGATED_WARNING = (
@@ -334,8 +313,15 @@ def make_verified(
 
     def update(updates, state, params, value, extra_args):
         flat = is_flat(state.anchor.params, params)
+        value_fn = extra_args.get("value_fn")
+
+        def in_layout(u, s, p, b, to_tree):
+            # `value_fn` takes the user's pytree; the engine passes its own layout.
+            layout_value_fn = None if value_fn is None else lambda q: value_fn(to_tree(q))
+            return core(u, s, p, value, extra_args, b, layout_value_fn)
+
         return update_in_layout(
-            lambda u, s, p, b, _: core(u, s, p, value, extra_args, b),
+            in_layout,
             base_update,
             flat,
             updates,
@@ -366,6 +352,7 @@ def verified_update(
     value,
     extra_args,
     base_update,
+    value_fn,
     *,
     surrogate_fn,
     target_fn,
@@ -397,7 +384,19 @@ def verified_update(
         return target_fn(updates, jax.tree.map(lambda u: u / scale.astype(u.dtype), true_step))
 
     judging = is_true & sch.verify
-    err, agree, undo = judge(judging, model, params, measured, value, state.anchor, cfg)
+    found = judge(
+        judging,
+        sch.length,
+        model,
+        params,
+        measured,
+        value,
+        value_fn,
+        state.anchor,
+        state.noise,
+        cfg,
+    )
+    err, agree, undo = found.error, found.agree, found.undo
     # An undefined loss sends the iterate back to the last true iterate (below), which
     # beats undoing to an anchor that may itself be the undefined point.
     lost = is_lost(skipped, value, state.buffers)
@@ -409,17 +408,24 @@ def verified_update(
     # just overshot into an undefined loss, repeating it would only do so again).
     resume = lost
     if (cfg.drift or cfg.resume_on_drop) and value is not None:
-        resume = resume | (disagree & ~undo & (jnp.asarray(value, dtype) < state.anchor.loss))
+        resume = resume | (disagree & ~undo & found.lowered)
     code = jnp.where(
         skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
     )
     # 3. Record the pair (never a point that is being undone, nor a skipped step), then
     # read the buffer for a retreat: in-place writes come before reads (see `tied`).
-    buffers = record(state.buffers, is_true & ~undo & ~skipped, params, measured)
+    buffers = record(state.buffers, is_true & ~undo & ~skipped, params, measured, sch.count)
     step = retreat(lost, buffers, params, step)
     # 4. The schedule; 5. the fit, once or never, where the next step starts.
-    nxt = schedule_step(sch, cfg, code, agree, undo, buffers.filled >= K, resume, err)
-    loss = jnp.asarray(jnp.inf if value is None else value, dtype)
+    nxt = schedule_step(
+        sch, cfg, code, agree, undo, buffers.filled >= K, resume, err, found.inconclusive
+    )
+    if value is None:
+        loss, loss_error, noise = jnp.asarray(jnp.inf, dtype), jnp.zeros((), dtype), state.noise
+    else:
+        loss, loss_error = mean_and_error(value, dtype)
+        noise = track(state.noise, is_true & ~skipped, sch.count, loss)
+        loss_error = jnp.where(loss_error > 0, loss_error, scalar_error(noise))
     loss = jnp.where(jnp.isfinite(loss), loss, jnp.inf)  # unknown at a retreat
     # The fit writes the model and the anchor in place: ordered after their reads.
     model, anchor = tied((model, state.anchor), (step, base_state, err, code), buffers.head < 0)
@@ -428,7 +434,7 @@ def verified_update(
         model,
         info,
         buffers,
-        Anchor(params, base_state, loss),
+        Anchor(params, base_state, loss, loss_error),
         anchor,
         step,
         measured,
@@ -440,7 +446,6 @@ def verified_update(
     failed = nxt.failed | fit_failed
     todo = jnp.where(fit_ok, nxt.length, nxt.todo)
     todo = jnp.where(nxt.phase_over | fit_failed, cfg.refresh, todo)
-    kept = ~is_true & (code == OK)
     new_state = VerifiedState(
         schedule=Schedule(
             phase=jnp.where(fit_ok, 1, jnp.where(nxt.phase_over, 0, sch.phase)).astype(jnp.int32),
@@ -458,23 +463,33 @@ def verified_update(
         buffers=buffers,
         model=model,
         anchor=anchor,
-        info=fit_info._replace(
-            gradient_evaluations=info.gradient_evaluations + is_true,
-            accepted=info.accepted + kept,
-            rejected=info.rejected + (~is_true & (code != OK)),
-            fallbacks=info.fallbacks + failed,
-            status=jnp.where(failed, code, info.status).astype(jnp.int32),
-            verifications=info.verifications + judging,
-            verified=info.verified + agree,
-            flow_error=jnp.where(judging, err, info.flow_error),
-            ungated=info.ungated + ungated,
-        ),
+        info=count_update(fit_info, info, is_true, code, failed, judging, found, ungated),
+        noise=noise,
     )
     # Every read of `params` above (the loops, the conditionals) comes before the
     # caller's in-place ``params + step`` once `step` depends on their results; else XLA
     # copies the parameters on every update.
     step = tied(step, (buffers.head, fit_info.status, err, code), buffers.head < 0)
     return optax.tree.cast_like(step, updates), new_state
+
+
+def count_update(fit_info, info, is_true, code, failed, judging, found, ungated):
+    """`VerifiedInfo` after an update: the fit's fields, and every counter advanced."""
+    kept = ~is_true & (code == OK)
+    status = jnp.where(failed, code, jnp.where(found.inconclusive, LOSS_INCONCLUSIVE, info.status))
+    return fit_info._replace(
+        gradient_evaluations=info.gradient_evaluations + is_true,
+        accepted=info.accepted + kept,
+        rejected=info.rejected + (~is_true & (code != OK)),
+        fallbacks=info.fallbacks + failed,
+        status=status.astype(jnp.int32),
+        verifications=info.verifications + judging,
+        verified=info.verified + found.agree,
+        inconclusive=info.inconclusive + found.inconclusive,
+        value_evaluations=info.value_evaluations + found.value_calls,
+        flow_error=jnp.where(judging, found.error, info.flow_error),
+        ungated=info.ungated + ungated,
+    )
 
 
 def _copy(tree):
@@ -508,7 +523,7 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
             jnp.asarray(False),
         ),
         base_state=base_state,
-        buffers=Buffers(buffer(K), buffer(K), _i32(), _i32()),
+        buffers=Buffers(buffer(K), buffer(K), _i32(), _i32(), jnp.full((K,), -1, jnp.int32)),
         model=Model(
             coefficients=jnp.zeros((P, r), dtype),
             basis=None if rank is None else buffer(r, dtype),
@@ -524,10 +539,12 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
                 else None
             ),
             out_basis=buffer(r, dtype) if cfg.target_basis and rank is not None else None,
+            noise=zero_f(),
         ),
         # Copies, not the arrays `params` and `base_state` hold: a state can be donated.
-        anchor=Anchor(_copy(params), _copy(base_state), zero_f() + jnp.inf),
+        anchor=Anchor(_copy(params), _copy(base_state), zero_f() + jnp.inf, zero_f()),
         info=zero_info(VerifiedInfo, dtype),
+        noise=init_loss_noise(dtype),
     )
 
 
@@ -588,16 +605,34 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
     return jax.lax.cond(sch.phase == 0, true_step, surrogate_step, base_state)
 
 
-def judge(judging, model: Model, params, measure, value, anchor: Anchor, cfg):
-    """``(flow error, agree, undo)`` of the phase a true step ends (all False if not).
+class Verdict(NamedTuple):
+    """What a judging true step found (all False / zero when it does not judge)."""
+
+    error: Float[Array, ""]  # relative error of the flow against the measurement
+    agree: Bool[Array, ""]  # within the tolerance (widened by the measurements' noise)
+    undo: Bool[Array, ""]  # the loss rose beyond its noise: back to the phase's start
+    inconclusive: Bool[Array, ""]  # the loss changed within its noise: shorter next phase
+    lowered: Bool[Array, ""]  # the loss fell by more than its noise
+    value_calls: Int[Array, ""]  # value_fn evaluations spent (the paired loss)
+
+
+def judge(
+    judging, length, model: Model, params, measure, value, value_fn, anchor: Anchor, noise, cfg
+):
+    """The `Verdict` on the phase a true step ends.
 
     `measure()` is what the true step measured (called only when `judging`).
 
     The flow error is relative, in the model's own coordinates: a POD model can only be
     right about the part of the measurement inside its subspace (the rest is what the
-    fit left out from the start, and the loss judges its effect). A rise of the loss
-    (`value`) over the phase undoes it; without `value`, a prediction farther from the
-    truth than standing still (error > 1) does.
+    fit left out from the start, and the loss judges its effect). It agrees within
+    `verify_tolerance`, or within the measurements' noise where that is larger
+    (`lgfjax._noise`). A rise of the loss (`value`, a scalar or per-sample losses) over
+    the phase beyond its standard error undoes it. With `value_fn`, a phase of at least
+    `PAIRED_MIN_LENGTH` steps (`length`) that this leaves in doubt has its start
+    evaluated on the judging step's batch (a paired comparison, one value evaluation).
+    Without `value`, a prediction farther from the truth than standing still (error
+    > 1) undoes it.
     """
     dtype = model.coefficients.dtype
 
@@ -622,12 +657,34 @@ def judge(judging, model: Model, params, measure, value, anchor: Anchor, cfg):
 
     err = jax.lax.cond(judging, flow_error, lambda _: jnp.zeros((), dtype), None)
     err = jnp.where(jnp.isfinite(err), err, jnp.inf)
-    agree = judging & (err <= cfg.verify_tolerance)
+    agree = judging & (err <= agreement_tolerance(cfg.verify_tolerance, model.noise))
+    false, calls = jnp.asarray(False), jnp.zeros((), jnp.int32)
     if value is None:
-        undo = judging & ~(err <= 1.0)
-    else:
-        undo = judging & ~(jnp.asarray(value, dtype) <= anchor.loss)
-    return err, agree, undo
+        return Verdict(err, agree, judging & ~(err <= 1.0), false, false, calls)
+    loss, loss_error = mean_and_error(value, dtype)
+    # Losses from different batches: their standard errors add.
+    own = jnp.where(loss_error > 0, loss_error, scalar_error(noise))
+    error = jnp.sqrt(own**2 + anchor.loss_error**2)
+    reference = anchor.loss
+    if value_fn is not None:
+        # Where that leaves a phase of some length in doubt, its start is evaluated on
+        # this step's batch: a paired difference, for one value evaluation.
+        rose, inconclusive = verdict(loss - reference, error, loss, reference, dtype)
+        pair = judging & (length >= PAIRED_MIN_LENGTH) & (rose | inconclusive)
+
+        def paired(_):
+            start = jnp.asarray(value_fn(anchor.params), dtype)
+            diff = jnp.asarray(value, dtype) - start
+            if diff.ndim == 0:
+                return jnp.mean(start), jnp.zeros((), dtype)
+            return jnp.mean(start), mean_and_error(diff, dtype)[1]
+
+        reference, error = jax.lax.cond(pair, paired, lambda _: (reference, error), None)
+        calls = pair.astype(jnp.int32)
+    difference = loss - reference
+    rose, inconclusive = verdict(difference, error, loss, reference, dtype)
+    lowered = judging & (difference < -Z * error)
+    return Verdict(err, agree, judging & rose, judging & inconclusive, lowered, calls)
 
 
 def is_lost(skipped, value, buf: Buffers):
@@ -639,7 +696,8 @@ def is_lost(skipped, value, buf: Buffers):
     """
     if value is None:
         return jnp.asarray(False)
-    return skipped & ~jnp.isfinite(jnp.asarray(value, jnp.result_type(value))) & (buf.filled > 0)
+    finite = jnp.all(jnp.isfinite(jnp.asarray(value, jnp.result_type(value))))
+    return skipped & ~finite & (buf.filled > 0)
 
 
 def retreat(lost, buf: Buffers, params, step):
@@ -693,8 +751,9 @@ def back_off(sch: Schedule, fine):
     return backoff, probing, scale
 
 
-def record(buf: Buffers, when, params, measure) -> Buffers:
-    """`buf` with the pair (params, ``measure()``) written at its head if `when`.
+def record(buf: Buffers, when, params, measure, count) -> Buffers:
+    """`buf` with the pair (params, ``measure()``) written at its head if `when`,
+    stamped with the update `count`.
 
     The write is a loop taken once or never, so the (K, n) buffers are updated in
     place and nothing is read when `when` is false.
@@ -710,9 +769,10 @@ def record(buf: Buffers, when, params, measure) -> Buffers:
         )
 
     points, targets = once_or_never(when, write, (buf.points, buf.targets))
+    stamps = buf.stamps.at[buf.head].set(jnp.where(when, count, buf.stamps[buf.head]))
     head = jnp.where(when, (buf.head + 1) % rows, buf.head).astype(jnp.int32)
     filled = jnp.minimum(buf.filled + when, rows).astype(jnp.int32)
-    return Buffers(points, targets, head, filled)
+    return Buffers(points, targets, head, filled, stamps)
 
 
 class NextSchedule(NamedTuple):
@@ -725,13 +785,24 @@ class NextSchedule(NamedTuple):
 
 
 def schedule_step(
-    sch: Schedule, cfg, code, agree, undo, full, resume: Any = False, err: Any = None
+    sch: Schedule,
+    cfg,
+    code,
+    agree,
+    undo,
+    full,
+    resume: Any = False,
+    err: Any = None,
+    inconclusive: Any = False,
 ) -> NextSchedule:
     """The pure schedule rule, given this update's outcome (testable on its own).
 
     - a confirmed phase doubles the next one (up to `max_length`); once phases are at
       least 4 K long it also doubles the horizon of each step (up to `max_horizon`);
     - any failure (a guard, a disagreement, an undo, a skipped true step) halves both;
+    - a phase whose change of the loss was within its noise (`inconclusive`, mini-batches)
+      keeps its length: it is no evidence either way (halving made phases collapse to one
+      step under noise; doubling let rises within the noise accumulate);
     - after a disagreement, `refresh` fresh true steps (the judging step counts, unless
       it was undone) come before the refit; after agreement the refit is at once, and
       so it is with `resume` (a disagreement under the engine's `drift` rule, or a
@@ -745,6 +816,7 @@ def schedule_step(
     failed = (~is_true & (code != OK)) | disagree | undo | skipped
     phase_over = ~is_true & ((sch.todo <= 1) | (code != OK))
     length = jnp.where(agree, jnp.minimum(2 * sch.length, cfg.max_length), sch.length)
+    length = jnp.where(inconclusive, sch.length, length)
     length = jnp.where(failed, jnp.maximum(sch.length // 2, 1), length)
     if getattr(cfg, "length_from_error", False) and err is not None:
         # Error grows about linearly with the phase's length: aim the next at the tolerance.
@@ -752,7 +824,7 @@ def schedule_step(
         factor = jnp.clip(cfg.verify_tolerance / e, 0.5, 2.0)
         scaled = jnp.floor(sch.length.astype(jnp.float32) * factor).astype(jnp.int32)
         scaled = jnp.clip(scaled, 1, cfg.max_length)
-        by_error = judging & ~undo & ~skipped & ~(~is_true & (code != OK))
+        by_error = judging & ~undo & ~skipped & ~inconclusive & ~(~is_true & (code != OK))
         length = jnp.where(by_error, scaled, length)
     grow = agree & (sch.length >= jnp.minimum(4 * cfg.first_length, cfg.max_length))
     horizon = jnp.where(grow, jnp.minimum(2 * sch.horizon, cfg.max_horizon), sch.horizon)
@@ -796,7 +868,7 @@ def fit_model(
     fit_cfg = dataclasses.replace(cfg.fit, rank=rank)  # "auto" was resolved at init
 
     def do_fit(carry):
-        ((_, basis, origin, _, drift, out_basis), anchor), _ = carry
+        ((_, basis, origin, _, drift, out_basis, _), anchor), _ = carry
         at = optax.tree.add(start.params, last_step)
         o = None if origin is None else optax.tree.cast_like(at, origin)
         fit = fit_pairs(fit_cfg, buf.points, buf.targets, o, dtype, cfg.target_basis)
@@ -813,7 +885,10 @@ def fit_model(
             drift = optax.tree.sub(optax.tree.cast_like(measured, drift), inside)
         if out_basis is not None:
             out_basis = optax.tree.cast_like(fit.out_basis, out_basis)
-        new_model = Model(fit.coefficients.astype(dtype), new_basis, o, bound, drift, out_basis)
+        noise = measurement_noise(tree_gram(buf.targets, dtype), buf.stamps)
+        new_model = Model(
+            fit.coefficients.astype(dtype), new_basis, o, bound, drift, out_basis, noise
+        )
         anchor = optax.tree.where(fit.status == OK, start._replace(params=at), anchor)
         return (new_model, anchor), (
             fit.residual.astype(dtype),

@@ -248,3 +248,46 @@ def safeguard_set() -> list[Problem]:
         logistic_regression(),
         oscillatory(),
     ]
+
+
+class MiniBatchProblem(NamedTuple):
+    """A least-squares problem sampled by mini-batches (a known, noisy gradient)."""
+
+    name: str
+    per_sample: Callable  # (params, batch index array) -> per-sample losses
+    full: Callable  # params -> the loss over every sample
+    x0: object
+    minimum: object  # the least-squares solution over every sample
+    lr: float  # a stable SGD rate
+    samples: int  # how many samples a batch index may take
+
+    def loss(self, params, batch):
+        return jnp.mean(self.per_sample(params, batch))
+
+    def batch(self, seed: int, index, size: int):
+        """The batch of true gradient `index` for `seed` (the same for every optimiser)."""
+        key = jax.random.fold_in(jax.random.key(seed), index)
+        return jax.random.randint(key, (size,), 0, self.samples)
+
+
+def least_squares(n: int = 20, samples: int = 2000, dtype=jnp.float32) -> MiniBatchProblem:
+    """``mean_i 0.5 (a_i . x - y_i)^2`` over `samples` rows with unit-variance targets'
+    noise: the mini-batch gradient is the full one plus noise of known statistics."""
+    rng = np.random.default_rng(0)
+    a = perturb(jnp.asarray(rng.normal(size=(samples, n)) * np.linspace(0.5, 1.5, n), dtype))
+    truth = rng.normal(size=n)
+    y = perturb(jnp.asarray(np.asarray(a) @ truth + rng.normal(size=samples), dtype))
+    solution = jnp.asarray(np.linalg.lstsq(np.asarray(a, np.float64), np.asarray(y, np.float64))[0])
+
+    def per_sample(x, batch):
+        return 0.5 * (a[batch] @ x - y[batch]) ** 2
+
+    return MiniBatchProblem(
+        f"least_squares(n={n})",
+        per_sample,
+        lambda x: jnp.mean(0.5 * (a @ x - y) ** 2),
+        jnp.zeros(n, dtype),
+        solution.astype(dtype),
+        0.05,
+        samples,
+    )

@@ -76,7 +76,7 @@ def test_no_update_copies_the_trajectory_buffers(name):
 def test_copy_counter_sees_a_copy():
     # The check above can fail: a read of the buffer outside the in-place loop makes XLA
     # copy it (the pattern that caused the regression).
-    from lgfjax._lgf import once_or_never
+    from lgfjax._engine import once_or_never
 
     def f(buf, x, when):
         last = buf[0] * 2.0  # read before the in-place write below

@@ -1,0 +1,153 @@
+"""Noise in what a true step measures: verdicts that stay valid under mini-batches.
+
+With mini-batch gradients or resampled collocation points, two losses from different
+batches differ by noise, and one gradient differs from the learned flow by noise, even
+when the flow is right. The verified schedule's verdicts take that into account:
+
+- **The loss.** A loss comes with a standard error: the spread of per-sample losses
+  over the square root of their number when `value` is a vector of them, else an
+  estimate from the rises between consecutive true steps' losses (zero while they only
+  fall, as in a deterministic descent). With a `value_fn` bound to the judging step's
+  batch, the phase's start is evaluated on that same batch (a paired comparison, as
+  stochastic line searches do); per-sample vectors then give the paired difference's
+  standard error. A phase is undone when the loss rose by more than `Z` standard errors
+  (plus the loss's rounding), and the verdict is *inconclusive* when the change is
+  within them: no evidence either way, so the next phase keeps the length it had.
+- **The flow.** The relative noise of the recorded measurements is estimated from their
+  second differences along consecutive true steps (a smooth trajectory has almost none;
+  independent noise of variance s^2 gives 6 s^2), and the flow agrees with a true step
+  when its error is within ``max(verify_tolerance, KAPPA * noise)``.
+
+A deterministic run keeps its strictness: a loss that never rises between consecutive
+true steps has standard error zero, and smooth measurements have noise near zero.
+"""
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+# A phase is undone (or judged inconclusive) against Z standard errors of the loss
+# difference: about 2.3 % of phases that did not change the loss are undone by noise.
+Z = 2.0
+# The flow agrees while its error is within KAPPA times the measurements' noise: the
+# error of a right flow against one noisy measurement is about the noise itself.
+KAPPA = 2.0
+# Rounding of a loss: a rise within ROUNDING * eps * |loss| is not a rise.
+ROUNDING = 64
+# A paired comparison (one value evaluation) is spent on a phase of at least this many
+# surrogate steps, and only when the free comparison leaves it in doubt: a shorter phase
+# saves fewer gradients than that, and changes the loss by little next to its noise.
+PAIRED_MIN_LENGTH = 4
+# Weight of the newest rise in the loss noise's running mean.
+RISE_WEIGHT = 0.1
+# Below this relative noise, measurements count as exact (no change to any rule).
+NOISE_FLOOR = 0.1
+
+
+class LossNoise(NamedTuple):
+    """Scalars that track the loss's noise along consecutive true steps."""
+
+    last_loss: Float[Array, ""]  # mean loss at the last true step (nan if none)
+    last_count: Int[Array, ""]  # update count of that step
+    rise2: Float[Array, ""]  # running mean of squared rises between consecutive ones
+
+
+def init_loss_noise(dtype) -> LossNoise:
+    return LossNoise(
+        jnp.full((), jnp.nan, dtype), jnp.full((), -2, jnp.int32), jnp.zeros((), dtype)
+    )
+
+
+def mean_and_error(value, dtype):
+    """``(mean, standard error)`` of a loss given as a scalar or per-sample losses.
+
+    The standard error of a scalar is zero here (`LossNoise` estimates it).
+    """
+    value = jnp.asarray(value, dtype)
+    if value.ndim == 0:
+        return value, jnp.zeros((), dtype)
+    count = value.size
+    mean = jnp.mean(value)
+    spread = jnp.std(value, ddof=1) if count > 1 else jnp.zeros((), dtype)
+    return mean, spread / jnp.sqrt(jnp.asarray(count, dtype))
+
+
+def track(noise: LossNoise, is_true, count, loss) -> LossNoise:
+    """`noise` after a true step with mean loss `loss` at update `count` (else as is)."""
+    follows = is_true & (noise.last_count == count - 1) & jnp.isfinite(loss)
+    follows = follows & jnp.isfinite(noise.last_loss)
+    rise = jnp.maximum(loss - noise.last_loss, 0)
+    rise2 = jnp.where(follows, (1 - RISE_WEIGHT) * noise.rise2 + RISE_WEIGHT * rise**2, noise.rise2)
+    return LossNoise(
+        jnp.where(is_true, loss, noise.last_loss).astype(noise.last_loss.dtype),
+        jnp.where(is_true, count, noise.last_count).astype(jnp.int32),
+        rise2.astype(noise.rise2.dtype),
+    )
+
+
+def scalar_error(noise: LossNoise):
+    """Standard error of one scalar loss: the rises' root mean square.
+
+    For independent losses ``L = l + s e``, a rise ``max(L' - L, 0)`` has mean square
+    ``s^2``; a loss that only falls has none.
+    """
+    return jnp.sqrt(noise.rise2)
+
+
+def verdict(difference, error, loss, reference, dtype):
+    """``(rose, inconclusive)`` for a change `difference` of the loss with standard
+    error `error` (`loss` and `reference` size the rounding allowance)."""
+    eps = jnp.finfo(dtype).eps
+    rounding = ROUNDING * eps * jnp.maximum(jnp.abs(loss), jnp.abs(reference))
+    rounding = jnp.where(jnp.isfinite(rounding), rounding, 0)
+    allowance = Z * error + rounding
+    rose = ~(difference <= allowance)
+    inconclusive = ~rose & (error > 0) & (difference > -Z * error)
+    return rose, inconclusive
+
+
+def measurement_noise(gram: Float[Array, "K K"], stamps: Int[Array, " K"]):
+    """Relative noise of recorded measurements from their Gram matrix ``T T^T``.
+
+    Rows recorded at consecutive updates (`stamps` s, s + 1, s + 2; -1 marks an empty
+    row) give second differences ``t_{s+2} - 2 t_{s+1} + t_s``, whose mean square is
+    ``6 s^2`` for independent noise of variance ``s^2`` per row and nearly zero along a
+    smooth trajectory. Returned relative to the rows' root mean square (0 without any
+    such triple): ``sqrt(mean |d|^2 / 6) / rms |t|``.
+    """
+    order = jnp.argsort(jnp.where(stamps >= 0, stamps, jnp.iinfo(jnp.int32).max))
+    s = stamps[order]
+    g = gram[order][:, order]
+    i = jnp.arange(s.shape[0] - 2)
+    j, k = i + 1, i + 2
+    valid = (s[i] >= 0) & (s[j] == s[i] + 1) & (s[k] == s[i] + 2)
+    d2 = (
+        g[i, i] + 4 * g[j, j] + g[k, k] - 4 * g[i, j] + 2 * g[i, k] - 4 * g[j, k]
+    )  # |t_i - 2 t_j + t_k|^2
+    d2 = jnp.maximum(d2, 0)
+    count = jnp.sum(valid)
+    mean_d2 = jnp.sum(jnp.where(valid, d2, 0)) / jnp.maximum(count, 1)
+    rows = stamps >= 0
+    mean_t2 = jnp.sum(jnp.where(rows, jnp.diagonal(gram), 0)) / jnp.maximum(jnp.sum(rows), 1)
+    noise = jnp.sqrt(mean_d2 / 6) / jnp.sqrt(jnp.where(mean_t2 > 0, mean_t2, 1))
+    noise = jnp.where((count > 0) & jnp.isfinite(noise), noise, 0)
+    return noise.astype(gram.dtype)
+
+
+def agreement_tolerance(tolerance, noise):
+    """The flow's error accepted at a judgement: `tolerance`, or `KAPPA` times the
+    measurements' relative `noise` where that is larger (and above `NOISE_FLOOR`)."""
+    noisy = noise > NOISE_FLOOR
+    return jnp.where(noisy, jnp.maximum(tolerance, KAPPA * noise), tolerance)
+
+
+def second_moment_scale(noise):
+    """Factor on ``g^2`` in the Adam ODE's second moment when ``g`` is a learned mean.
+
+    A true ``v`` tracks ``E[g^2] = mean^2 + variance``; with the measurements' relative
+    noise ``r`` (variance over ``E[g^2]``), ``E[g^2] ~ mean^2 / (1 - r^2)``. Exact
+    measurements (below `NOISE_FLOOR`) keep the factor 1.
+    """
+    r2 = jnp.minimum(noise**2, 0.9)
+    return jnp.where(noise > NOISE_FLOOR, 1 / (1 - r2), 1.0)
