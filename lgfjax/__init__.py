@@ -25,6 +25,7 @@ from ._newton import (
 from ._pod import pod as pod
 from ._state import (
     Diagnostics as Diagnostics,
+    best_params as best_params,
     diagnostics as diagnostics,
     filter_value_and_grad as filter_value_and_grad,
     gradient_evaluations as gradient_evaluations,

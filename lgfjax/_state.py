@@ -7,10 +7,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int
 
 from ._fixed import LGFState
-from ._layout import HOST_VALUES, jit_when
+from ._layout import HOST_VALUES, is_flat, jit_when
 from ._noise import scalar_error
 from ._status import STATUS_MESSAGES, Status
 from ._validate import _concrete
@@ -56,6 +58,35 @@ def gradient_evaluations(state) -> jax.Array:
     return find_state(state).info.gradient_evaluations
 
 
+def best_params(state, params):
+    """The true iterate with the lowest loss so far, shaped like `params`.
+
+    The verified schedule keeps it from the losses passed as `value` (see `Diagnostics`'
+    `returns`): a run that ends on an overshoot or a noisy step hands back the best point
+    it measured instead. Before any true step with a loss, it is where the run began.
+    `params` gives the pytree (the current parameters will do).
+
+    ```python
+    import jax.numpy as jnp, optax, lgfjax
+
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1)
+    params = {"w": jnp.ones(2), "b": jnp.zeros(())}
+    state = opt.init(params)
+    assert lgfjax.best_params(state, params)["w"].tolist() == [1.0, 1.0]
+    ```
+    """
+    s = find_state(state)
+    if not isinstance(s, VerifiedState):
+        raise ValueError(
+            "`best_params` reads the verified schedule's state; the fixed schedule keeps no "
+            "best point (use `value_fn` checks, or track the loss yourself)."
+        )
+    kept = s.best.params
+    if is_flat(kept, params):
+        return optax.tree.cast_like(ravel_pytree(params)[1](kept), params)
+    return kept
+
+
 def status_message(code: int) -> str:
     """Text for a fallback reason stored in ``state.status`` (an `lgfjax.Status`)."""
     try:
@@ -89,6 +120,8 @@ class Diagnostics(NamedTuple):
       loss's standard error at the last true step;
     - `next_phase_length`: the length planned for the next surrogate phase (fixed
       schedule: surrogate steps per cycle);
+    - `returns`: how often the run went back to its best true point after staying far
+      above it (`lgfjax.best_params` reads that point);
     - `fit_residual`, `active_terms`, `pod_energy`: the last fit;
     - `ungated_gradients`: surrogate steps handed a non-zero gradient (must be 0).
 
@@ -112,6 +145,7 @@ class Diagnostics(NamedTuple):
     noise: Float[Array, ""]
     loss_noise: Float[Array, ""]
     next_phase_length: Int[Array, ""]
+    returns: Int[Array, ""]
     fit_residual: Float[Array, ""]
     active_terms: Int[Array, ""]
     pod_energy: Float[Array, ""]
@@ -175,6 +209,7 @@ def diagnostics(state) -> Diagnostics:
             noise=s.model.noise,
             loss_noise=_loss_noise(s),
             next_phase_length=s.schedule.length,
+            returns=s.best.returns,
             fit_residual=info.fit_residual,
             active_terms=info.active_terms,
             pod_energy=info.pod_energy,
@@ -199,6 +234,7 @@ def diagnostics(state) -> Diagnostics:
         noise=nan,
         loss_noise=nan,
         next_phase_length=s.schedule.surrogate_steps,
+        returns=none,
         fit_residual=info.fit_residual,
         active_terms=info.active_terms,
         pod_energy=info.pod_energy,

@@ -25,6 +25,7 @@ class Status(enum.IntEnum):
     LOSS_ROSE = 9
     NONFINITE_GRADIENT = 10
     LOSS_INCONCLUSIVE = 11
+    RETURNED_TO_BEST = 12
 
 
 # Module-level names kept for the engine code.
@@ -40,6 +41,7 @@ FLOW_DISAGREED = Status.FLOW_DISAGREED.value
 LOSS_ROSE = Status.LOSS_ROSE.value
 NONFINITE_GRADIENT = Status.NONFINITE_GRADIENT.value
 LOSS_INCONCLUSIVE = Status.LOSS_INCONCLUSIVE.value
+RETURNED_TO_BEST = Status.RETURNED_TO_BEST.value
 
 STATUS_MESSAGES = {
     OK: "ok",
@@ -58,6 +60,10 @@ STATUS_MESSAGES = {
     ),
     LOSS_INCONCLUSIVE: (
         "the loss changed over the surrogate phase by less than its noise (mini-batches); "
-        "kept, and the next phase is shorter"
+        "kept, and the next phase keeps its length"
+    ),
+    RETURNED_TO_BEST: (
+        "the loss at true steps stayed far above the best true loss; the run returned to "
+        "the best true point and the base's state there, and its phases start short again"
     ),
 }

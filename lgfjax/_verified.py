@@ -46,6 +46,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from ._best import Best, back_to_best, init_best, keep_best, watch
 from ._engine import (
     SurrogateModel,
     _fit_dtype,
@@ -82,6 +83,7 @@ from ._status import (
     NONFINITE_GRADIENT,
     NONFINITE_STEP,
     OK,
+    RETURNED_TO_BEST,
     SOLVER_FAILED,
     STEP_TOO_LARGE,
 )
@@ -154,6 +156,7 @@ class VerifiedState(NamedTuple):
     anchor: Anchor
     info: VerifiedInfo
     noise: LossNoise
+    best: Best
 
 
 class VerifiedConfig(NamedTuple):
@@ -396,12 +399,17 @@ def verified_update(
         state.noise,
         cfg,
     )
-    err, agree, undo = found.error, found.agree, found.undo
+    err, agree = found.error, found.agree
+    loss, loss_error, noise = observe(value, state.noise, is_true & ~skipped, sch.count, dtype)
+    # A stay far above the best true loss ends back at the best true point (`_best`).
+    go_back, above = watch(state.best, is_true & ~skipped, loss, K)
     # An undefined loss sends the iterate back to the last true iterate (below), which
     # beats undoing to an anchor that may itself be the undefined point.
     lost = is_lost(skipped, value, state.buffers)
-    undo = undo & ~lost
+    undo = found.undo & ~lost & ~go_back
     step, base_state = undo_phase(undo, state.anchor, params, step, base_state)
+    step, base_state = back_to_best(go_back, state.best, params, step, base_state)
+    undo = undo | go_back
     disagree = judging & ~agree
     # With `drift`, a phase that lowered the loss keeps going after a refit at once.
     # After a retreat the learned flow takes over at once (where the base's own step
@@ -412,6 +420,7 @@ def verified_update(
     code = jnp.where(
         skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
     )
+    code = jnp.where(go_back, RETURNED_TO_BEST, code)
     # 3. Record the pair (never a point that is being undone, nor a skipped step), then
     # read the buffer for a retreat: in-place writes come before reads (see `tied`).
     buffers = record(state.buffers, is_true & ~undo & ~skipped, params, measured, sch.count)
@@ -420,13 +429,18 @@ def verified_update(
     nxt = schedule_step(
         sch, cfg, code, agree, undo, buffers.filled >= K, resume, err, found.inconclusive
     )
-    if value is None:
-        loss, loss_error, noise = jnp.asarray(jnp.inf, dtype), jnp.zeros((), dtype), state.noise
-    else:
-        loss, loss_error = mean_and_error(value, dtype)
-        noise = track(state.noise, is_true & ~skipped, sch.count, loss)
-        loss_error = jnp.where(loss_error > 0, loss_error, scalar_error(noise))
-    loss = jnp.where(jnp.isfinite(loss), loss, jnp.inf)  # unknown at a retreat
+    # After a return, the phases start short again.
+    nxt = nxt._replace(
+        length=jnp.where(go_back, 1, nxt.length).astype(jnp.int32),
+        horizon=jnp.where(go_back, 1, nxt.horizon).astype(jnp.int32),
+    )
+    best = tied(state.best, (step, base_state), buffers.head < 0)
+    new_best = is_true & ~skipped & ~go_back & (loss < best.loss)
+    best = keep_best(best, new_best, params, state.base_state, loss, loss_error, above, go_back)
+    # After a return, the next phase's reference loss is the best one's. (After an undo
+    # it stays the loss of the point undone: see docs/design.md, "A run that spikes".)
+    loss = jnp.where(go_back, state.best.loss, loss)
+    loss_error = jnp.where(go_back, state.best.error, loss_error)
     # The fit writes the model and the anchor in place: ordered after their reads.
     model, anchor = tied((model, state.anchor), (step, base_state, err, code), buffers.head < 0)
     model, anchor, fit_info = fit_model(
@@ -465,12 +479,24 @@ def verified_update(
         anchor=anchor,
         info=count_update(fit_info, info, is_true, code, failed, judging, found, ungated),
         noise=noise,
+        best=best,
     )
     # Every read of `params` above (the loops, the conditionals) comes before the
     # caller's in-place ``params + step`` once `step` depends on their results; else XLA
     # copies the parameters on every update.
     step = tied(step, (buffers.head, fit_info.status, err, code), buffers.head < 0)
     return optax.tree.cast_like(step, updates), new_state
+
+
+def observe(value, noise: LossNoise, is_true, count, dtype):
+    """``(loss, standard error, noise)``: this update's mean loss (inf if unknown), its
+    standard error, and the loss-noise tracker after it (`lgfjax._noise`)."""
+    if value is None:
+        return jnp.asarray(jnp.inf, dtype), jnp.zeros((), dtype), noise
+    loss, error = mean_and_error(value, dtype)
+    noise = track(noise, is_true, count, loss)
+    error = jnp.where(error > 0, error, scalar_error(noise))
+    return jnp.where(jnp.isfinite(loss), loss, jnp.inf), error, noise
 
 
 def count_update(fit_info, info, is_true, code, failed, judging, found, ungated):
@@ -545,6 +571,7 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
         anchor=Anchor(_copy(params), _copy(base_state), zero_f() + jnp.inf, zero_f()),
         info=zero_info(VerifiedInfo, dtype),
         noise=init_loss_noise(dtype),
+        best=init_best(params, base_state, dtype, _copy),
     )
 
 

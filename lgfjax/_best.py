@@ -1,0 +1,104 @@
+"""The best true point, and a run that returns to it rather than stay far above it.
+
+The guarantee, in one line: **the loss at true steps never stays above 10 times the
+best true loss so far (plus 4 of its standard errors where the best was found, and 1e-6
+of the first true loss)
+for more than `history_size` true steps in a row; if it would, the run returns to the
+best true point and the base's own state there, and its next phases are short**; once
+per best point (from it the base's own steps may rise again, and a second return would
+replay them).
+
+It costs no gradient (it reads the losses the true steps pass as `value`) and one copy
+of the parameters (and the base's state) whenever a true step finds a new best.
+`lgfjax.best_params` hands that point back; `Diagnostics.returns` counts the returns.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from ._engine import once_or_never
+
+# How far above the best true loss a run may stay (for `history_size` true steps).
+SPIKE_FACTOR = 10.0
+# Standard errors of the loss (mini-batches) added to that bound.
+SPIKE_ERRORS = 4.0
+# And this share of the first true loss: a converged run's losses at round-off level
+# (1e-10 and 1e-12, say) are not a spike.
+SPIKE_FLOOR = 1e-6
+
+
+class Best(NamedTuple):
+    params: PyTree[Array]  # the true iterate with the lowest loss so far (engine layout)
+    base_state: Any  # the base's state there
+    loss: Float[Array, ""]  # its loss (inf before the first)
+    above: Int[Array, ""]  # consecutive true steps with a loss above the bound since
+    returns: Int[Array, ""]  # how often the run returned to it
+    first: Float[Array, ""]  # the first true loss (nan before it)
+    error: Float[Array, ""]  # the loss's standard error when the best was found
+    armed: Bool[Array, ""]  # no return to this best yet (one return per best point)
+
+
+def init_best(params, base_state, dtype, copy) -> Best:
+    return Best(
+        copy(params),
+        copy(base_state),
+        jnp.full((), jnp.inf, dtype),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
+        jnp.full((), jnp.nan, dtype),
+        jnp.zeros((), dtype),
+        jnp.asarray(True),
+    )
+
+
+def watch(best: Best, is_true, loss, patience: int) -> tuple[Bool[Array, ""], Any]:
+    """``(go_back, above)``: whether this true step's `loss` ends a stay above the bound
+    of `patience` true steps, and the new count of steps above it.
+
+    The standard error in the bound is the one measured when the best was found: a run
+    whose losses fluctuate by themselves (Adam's oscillation at a fixed rate, a
+    mini-batch's noise) has a wide bound, and one that descended smoothly and then
+    jumped has a narrow one, however much it fluctuates after the jump."""
+    floor = SPIKE_FLOOR * jnp.abs(jnp.where(jnp.isfinite(best.first), best.first, 0))
+    spread = SPIKE_ERRORS * best.error + floor
+    bound = best.loss + (SPIKE_FACTOR - 1) * jnp.abs(best.loss) + spread
+    high = is_true & jnp.isfinite(best.loss) & jnp.isfinite(loss) & ~(loss <= bound)
+    above = jnp.where(is_true, jnp.where(high, best.above + 1, 0), best.above)
+    # One return per best point: from it, the base's own steps may rise again (Adam at a
+    # fixed rate oscillates above a lucky best), and returning again would replay them.
+    go_back = high & (above >= patience) & best.armed
+    return go_back, jnp.where(go_back, 0, above).astype(jnp.int32)
+
+
+def back_to_best(go_back, best: Best, params, step, base_state):
+    """``(step, base_state)`` that lead to the best true point (once or never)."""
+
+    def back(_):
+        way = optax.tree.sub(optax.tree.cast_like(best.params, params), params)
+        return optax.tree.cast_like(way, step), best.base_state
+
+    return once_or_never(go_back, back, (step, base_state))
+
+
+def keep_best(best: Best, when, params, base_state, loss, error, above, go_back) -> Best:
+    """`best` with this true step's point written in place if `when` (a new best)."""
+
+    def write(carry):
+        _, _ = carry
+        return jax.tree_util.tree_map(jnp.copy, (params, base_state))
+
+    kept_params, kept_state = once_or_never(when, write, (best.params, best.base_state))
+    return Best(
+        kept_params,
+        kept_state,
+        jnp.where(when, loss, best.loss).astype(best.loss.dtype),
+        jnp.where(when, 0, above).astype(jnp.int32),
+        (best.returns + go_back).astype(jnp.int32),
+        jnp.where(jnp.isnan(best.first) & when, loss, best.first).astype(best.first.dtype),
+        jnp.where(when, error, best.error).astype(best.error.dtype),
+        (when | best.armed) & ~go_back,
+    )
