@@ -188,8 +188,8 @@ def diagnostics(state) -> Diagnostics:
     confirmed (LGF is saving little on this problem).
     """
     s = find_state(state)
-    info = s.info
     if isinstance(s, VerifiedState):
+        info = s.info
         _warn_if_concrete(s)
         ratio = info.verified / jnp.maximum(info.verifications, 1)
         return Diagnostics(
@@ -215,6 +215,7 @@ def diagnostics(state) -> Diagnostics:
             pod_energy=info.pod_energy,
             ungated_gradients=info.ungated,
         )
+    info = s.info
     nan = jnp.full((), jnp.nan, info.fit_residual.dtype)
     none = jnp.full((), -1, jnp.int32)
     return Diagnostics(
@@ -391,7 +392,7 @@ def _jit_if_arrays(fn: Callable) -> Callable:
 
 def _is_operand(leaf) -> bool:
     """Whether a leaf can pass through `jax.lax.cond` (an array or a number)."""
-    return isinstance(leaf, (*HOST_VALUES, bool, jax.Array)) or isinstance(leaf, jax.core.Tracer)
+    return isinstance(leaf, (*HOST_VALUES, bool, jax.Array))  # tracers are jax.Arrays
 
 
 def when_needed(fn: Callable) -> Callable:
