@@ -201,7 +201,8 @@ def run_lbfgs(f, x0, budget):
             value, grad = value_and_grad(params, state=state)
             values = values.at[spent].set(jnp.where(fresh, value, values[spent]))
             updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=f)
-            spent = spent + fresh + optax.tree.get(state, "num_linesearch_steps")
+            searched = optax.tree.get(state, "num_linesearch_steps")
+            spent = spent + fresh.astype(spent.dtype) + jnp.asarray(searched, spent.dtype)
             params = optax.apply_updates(params, updates)
             within = spent <= budget
             last = jnp.minimum(spent, budget) - 1
