@@ -278,7 +278,10 @@ def run_problem(problem, budget):
         needs = first_at_most(r["values"], target)
         if needs is None and r["final"] <= target:
             needs = budget
-        r["gap_ratio"] = r["gap"] / base["gap"]
+        # Both diverged: equal.
+        r["gap_ratio"] = (
+            1.0 if math.isinf(r["gap"]) and math.isinf(base["gap"]) else r["gap"] / base["gap"]
+        )
         r["gradient_ratio"] = math.inf if needs is None else needs / base_needs
     for r in runs.values():  # every 10th loss seen, for plots; NaN where none
         r["values"] = [float(v) if np.isfinite(v) else None for v in r["values"][::10]]

@@ -684,13 +684,18 @@ def judge(
 
     err = jax.lax.cond(judging, flow_error, lambda _: jnp.zeros((), dtype), None)
     err = jnp.where(jnp.isfinite(err), err, jnp.inf)
-    agree = judging & (err <= agreement_tolerance(cfg.verify_tolerance, model.noise))
     false, calls = jnp.asarray(False), jnp.zeros((), jnp.int32)
     if value is None:
+        agree = judging & (err <= cfg.verify_tolerance)
         return Verdict(err, agree, judging & ~(err <= 1.0), false, false, calls)
     loss, loss_error = mean_and_error(value, dtype)
-    # Losses from different batches: their standard errors add.
     own = jnp.where(loss_error > 0, loss_error, scalar_error(noise))
+    # The measurements' noise widens the tolerance only where the loss is noisy too: a
+    # deterministic descent's rough measurements (projected or clipped steps) are not
+    # noise (topology: the default no longer reached its target with it).
+    noise_level = jnp.where(own > 0, model.noise, 0)
+    agree = judging & (err <= agreement_tolerance(cfg.verify_tolerance, noise_level))
+    # Losses from different batches: their standard errors add.
     error = jnp.sqrt(own**2 + anchor.loss_error**2)
     reference = anchor.loss
     if value_fn is not None:
