@@ -362,11 +362,13 @@ def main(argv=None):
         "optax.adam": (optax.adam(1e-2), False),
         "lgf(sgd) default": (lgfjax.lgf(optax.sgd(0.1), dt=0.1), True),
         "lgf(sgd) fixed K=20 M=60": (
-            lgfjax.lgf(optax.sgd(0.1), dt=0.1, history_size=20, retrain_interval=60),
+            lgfjax.lgf(
+                optax.sgd(0.1), dt=0.1, schedule=lgfjax.Fixed(history_size=20, retrain_interval=60)
+            ),
             True,
         ),
         "lgf(sgd) default rank 4 deg 2": (
-            lgfjax.lgf(optax.sgd(0.1), dt=0.1, rank=4, poly_order=2),
+            lgfjax.lgf(optax.sgd(0.1), dt=0.1, fit=lgfjax.Fit(rank=4, poly_order=2)),
             True,
         ),
         "lgf_adam default": (lgfjax.lgf_adam(1e-2), True),

@@ -72,7 +72,10 @@ def run_case(problem, steps, K, M, rank):
             opt, extra = lgfjax.lgf(base, dt=problem.lr), {"value": True}
         else:
             opt = lgfjax.lgf(
-                base, history_size=K, retrain_interval=M, dt=problem.lr, rank=rank, **extra
+                base,
+                dt=problem.lr,
+                schedule=lgfjax.Fixed(history_size=K, retrain_interval=M, **extra),
+                fit=lgfjax.Fit(rank=rank),
             )
         t0 = time.perf_counter()
         _, state, losses, evals = trace(

@@ -98,15 +98,16 @@ def scale_worker(n: int, repeats: int, buffer_dtype: str | None):
     def loss(x):
         return 0.5 * jnp.sum(d * x * x)
 
-    # A long surrogate phase, so that chained surrogate steps stay in it.
+    # A long surrogate phase, so that chained surrogate steps stay in it. (The flat
+    # keywords, deprecated, so that an earlier release's `lgf` can be timed too.)
     opt = lgf(
         optax.sgd(lr),
+        dt=lr,
+        buffer_dtype=None if buffer_dtype is None else jnp.dtype(buffer_dtype),
         history_size=K,
         retrain_interval=K + 100_000,
-        dt=lr,
         rank=RANK,
         poly_order=DEGREE,
-        buffer_dtype=None if buffer_dtype is None else jnp.dtype(buffer_dtype),
     )
     params = jnp.ones(n, jnp.float32)
     state = opt.init(params)
@@ -423,7 +424,9 @@ def compile_worker():
         out["lgf_adam_s"] = None
         out["lgf_adam_missing"] = str(e)
     else:
-        out["lgf_adam_s"] = compile_seconds(lgf_adam(1e-2, history_size=K, retrain_interval=2 * K))
+        out["lgf_adam_s"] = compile_seconds(
+            lgf_adam(1e-2, schedule=lgfjax.Fixed(history_size=K, retrain_interval=2 * K))
+        )
     return out
 
 
@@ -452,20 +455,26 @@ def update_worker(variant: str, n: int, K: int, updates: int):
 
     lr = 1e-2
     if variant == "verified":
-        opt, base, rank = lgfjax.lgf(optax.sgd(lr), dt=lr, history_size=K), optax.sgd(lr), K // 2
+        opt, base, rank = (
+            lgfjax.lgf(optax.sgd(lr), dt=lr, schedule=lgfjax.Verified(history_size=K)),
+            optax.sgd(lr),
+            K // 2,
+        )
     elif variant == "fixed":
         rank = min(RANK, K)
         opt = lgfjax.lgf(
             optax.sgd(lr),
             dt=lr,
-            history_size=K,
-            retrain_interval=4 * K,
-            rank=rank,
-            poly_order=DEGREE,
+            schedule=lgfjax.Fixed(history_size=K, retrain_interval=4 * K),
+            fit=lgfjax.Fit(rank=rank, poly_order=DEGREE),
         )
         base = optax.sgd(lr)
     else:
-        opt, base, rank = lgfjax.lgf_adam(lr, history_size=K), optax.adam(lr), K // 2
+        opt, base, rank = (
+            lgfjax.lgf_adam(lr, schedule=lgfjax.Verified(history_size=K)),
+            optax.adam(lr),
+            K // 2,
+        )
 
     def timed(fn, *args):
         t0 = time.perf_counter()

@@ -75,7 +75,11 @@ def deep_energy_cases(discover: bool):
     }
     targets = {}
     if discover:
-        fixed = lgf_adam(de.LR, history_size=de.K, retrain_interval=de.M, rank=de.RANK)
+        fixed = lgf_adam(
+            de.LR,
+            schedule=lgfjax.Fixed(history_size=de.K, retrain_interval=de.M),
+            fit=lgfjax.Fit(rank=de.RANK),
+        )
         finals = {}
         for name, opt in (("Adam", makers["Adam"]()), ("fixed", fixed)):
             final, _, _, _ = de.run(opt, loss, params, steps)

@@ -169,7 +169,9 @@ def compare(
     loss = make_loss(static, points, weight)
     optimisers = {
         "Adam": optax.adam(LR),
-        "LGF-Adam": lgf_adam(LR, history_size=K, retrain_interval=M, rank=rank),
+        "LGF-Adam": lgf_adam(
+            LR, schedule=lgfjax.Fixed(history_size=K, retrain_interval=M), fit=lgfjax.Fit(rank=rank)
+        ),
     }
     if default:
         optimisers["LGF-Adam default"] = lgf_adam(LR)
@@ -318,7 +320,9 @@ def compare_random(
     loss = make_random_loss(static)
     optimisers = {
         "Adam": optax.adam(LR),
-        "LGF-Adam": lgf_adam(LR, history_size=K, retrain_interval=M, rank=RANK),
+        "LGF-Adam": lgf_adam(
+            LR, schedule=lgfjax.Fixed(history_size=K, retrain_interval=M), fit=lgfjax.Fit(rank=RANK)
+        ),
         "LGF-Adam default": lgf_adam(LR),
     }
     out = {"grid": n, "steps": steps, "points": count, "seed": seed, "runs": {}}

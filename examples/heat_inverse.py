@@ -160,20 +160,20 @@ def make_optimisers(
         "SGD": optax.sgd(lr),
         "LGF": lgfjax.lgf(
             optax.sgd(lr),
-            history_size=25,
-            retrain_interval=50,
             dt=lr,  # one RK4 step of the learned flow per surrogate step
-            poly_order=1,
-            include_bias=include_bias,
-            derivative="strong",
-            fd_order=2,
-            threshold=1e-8,
-            alpha=1e-6,
-            normalize_columns=True,
-            unbias=True,
-            max_iter=3,
-            solver=lgfjax.RK4(),
-            substeps=1,
+            schedule=lgfjax.Fixed(
+                history_size=25, retrain_interval=50, derivative="strong", fd_order=2
+            ),
+            fit=lgfjax.Fit(
+                poly_order=1,
+                include_bias=include_bias,
+                threshold=1e-8,
+                alpha=1e-6,
+                normalize_columns=True,
+                unbias=True,
+                max_iter=3,
+            ),
+            integrator=lgfjax.Integrator(solver=lgfjax.RK4(), substeps=1),
         ),
     } | extra
 

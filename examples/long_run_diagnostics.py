@@ -36,13 +36,9 @@ def run(steps: int, *, show: bool = True):
     loss = problem.loss
     opt = lgfjax.lgf(
         optax.sgd(problem.lr),
-        history_size=20,
-        retrain_interval=60,
         dt=problem.lr,
-        rank=6,
-        center=True,
-        check_every=10,
-        adaptive=True,
+        schedule=lgfjax.Fixed(history_size=20, retrain_interval=60, check_every=10, adaptive=True),
+        fit=lgfjax.Fit(rank=6, center=True),
     )
     grad_fn = lgfjax.value_and_grad(loss)
 

@@ -196,16 +196,16 @@ def lgf_optimizer(
     """
     return lgfjax.lgf(
         newton(eta),
-        history_size=history_size,
-        retrain_interval=retrain_interval,
         dt=eta,
-        poly_order=2,
-        include_bias=True,
-        rank=None,
-        threshold=threshold,
-        alpha=alpha,
-        normalize_columns=normalize_columns,
-        **options,
+        schedule=lgfjax.Fixed(history_size, retrain_interval, **options),
+        fit=lgfjax.Fit(
+            poly_order=2,
+            include_bias=True,
+            rank=None,
+            threshold=threshold,
+            alpha=alpha,
+            normalize_columns=normalize_columns,
+        ),
     )
 
 

@@ -105,12 +105,20 @@ def main():
     runs = {
         "SGD": (optax.sgd(LR), False),
         "LGF r=4 (K=20, M=60)": (
-            lgfjax.lgf(optax.sgd(LR), history_size=20, retrain_interval=60, dt=LR, rank=4),
+            lgfjax.lgf(
+                optax.sgd(LR),
+                dt=LR,
+                schedule=lgfjax.Fixed(history_size=20, retrain_interval=60),
+                fit=lgfjax.Fit(rank=4),
+            ),
             True,
         ),
         "LGF r=8 deg 2 (K=20, M=40)": (
             lgfjax.lgf(
-                optax.sgd(LR), history_size=20, retrain_interval=40, dt=LR, rank=8, poly_order=2
+                optax.sgd(LR),
+                dt=LR,
+                schedule=lgfjax.Fixed(history_size=20, retrain_interval=40),
+                fit=lgfjax.Fit(rank=8, poly_order=2),
             ),
             True,
         ),

@@ -333,12 +333,13 @@ def make_optimisers(problem: Problem, s: Settings):
     lr = s.lr(problem)
     learned = lgfjax.lgf(
         optax.sgd(lr),
-        history_size=s.history_size,
-        retrain_interval=s.retrain_interval,
         dt=lr,
-        rank=s.rank,
-        poly_order=s.poly_order,
-        check_every=s.check_every,
+        schedule=lgfjax.Fixed(
+            history_size=s.history_size,
+            retrain_interval=s.retrain_interval,
+            check_every=s.check_every,
+        ),
+        fit=lgfjax.Fit(rank=s.rank, poly_order=s.poly_order),
     )
     return optax.sgd(lr), learned
 

@@ -314,13 +314,14 @@ def make_optimisers(lr: float = LR) -> dict[str, optax.GradientTransformation]:
         "Adam": optax.adam(lr),
         "LGF-Adam": lgfjax.lgf_adam(
             lr,
-            history_size=K,
-            retrain_interval=M,
-            poly_order=1,
-            include_bias=True,
-            rank=None,  # the full space: 201 terms for 21 iterates, the dual STLSQ
-            threshold=1e-8,
-            alpha=0.0,
+            schedule=lgfjax.Fixed(history_size=K, retrain_interval=M),
+            fit=lgfjax.Fit(
+                poly_order=1,
+                include_bias=True,
+                rank=None,  # the full space: 201 terms for 21 iterates, the dual STLSQ
+                threshold=1e-8,
+                alpha=0.0,
+            ),
         ),
         "LGF-Adam default": lgfjax.lgf_adam(lr),
     }

@@ -22,6 +22,12 @@ from ._newton import (
     newton_direction as newton_direction,
     value_and_newton_direction as value_and_newton_direction,
 )
+from ._options import (
+    Fit as Fit,
+    Fixed as Fixed,
+    Integrator as Integrator,
+    Verified as Verified,
+)
 from ._pod import pod as pod
 from ._state import (
     Diagnostics as Diagnostics,

@@ -11,6 +11,7 @@ from jaxtyping import Array, Int
 from ._flow import RK4, integrate_span
 from ._lgf import build_engine, fit_options, shared_options
 from ._noise import second_moment_scale
+from ._options import Fit, Fixed, Integrator, Verified, flat_options, from_keywords
 from ._validate import _concrete, check_bool, check_nonnegative, check_positive
 
 
@@ -206,6 +207,107 @@ def lgf_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
+    dt: float | None = None,
+    schedule: Verified | Fixed | None = None,
+    fit: Fit | None = None,
+    integrator: Integrator | None = None,
+    buffer_dtype=None,
+    amsgrad: bool = False,
+    restore_moments: bool | None = None,
+    gradient_basis: bool | None = None,
+    **old_keywords,
+) -> optax.GradientTransformationExtraArgs:
+    """Learned gradient flow (LGF) with Adam as the base optimiser.
+
+    True Adam steps (identical to `optax.adam`) record the iterates and their
+    gradients. A sparse polynomial model of the gradient, ``g(a) ~ Theta(a) Xi``, is
+    fitted to them by STLSQ (in a POD basis of the iterates), and surrogate steps
+    integrate the Adam ODE
+
+        dm/dt = (1 - b1)/eta (g - m),  dv/dt = (1 - b2)/eta (g^2 - v),
+        da/dt = -mhat / (sqrt(vhat) + eps)
+
+    over `dt` with diffrax, with the learned ``g`` and continuous bias corrections.
+    One Adam step is the semi-implicit Euler step of this ODE with ``dt = eta``, so
+    the moments carry over into the next true phase and the step counter advances by
+    one per surrogate step as well. Use `lgfjax.value_and_grad` so that the objective
+    is not evaluated in surrogate steps. The schedules and safeguards are those of
+    `lgfjax.lgf`.
+
+    **Arguments:**
+
+    - `learning_rate`, `b1`, `b2`, `eps`: Adam's, as in `optax.adam`; `learning_rate`
+      may be an optax schedule (of the Adam steps taken, true and surrogate): each
+      surrogate step then integrates the Adam ODE over its own scheduled rate.
+    - `dt`: integration time of one surrogate step; default `learning_rate` (one
+      Adam step's worth of time).
+    - `schedule`, `fit`: as in `lgfjax.lgf` (`lgfjax.Fixed`'s derivative options do
+      not apply: the gradients are recorded). Under the verified schedule the judging
+      true step compares the learned gradient with the true one.
+    - `integrator`: as in `lgfjax.lgf`; the trust region's default here is 10.
+    - `buffer_dtype`: storage dtype of the iterate and gradient buffers.
+    - `amsgrad`: use AMSGrad's running max of ``vhat`` (as `optax.amsgrad`).
+    - `restore_moments`: verified schedule (default True): a surrogate phase of at most
+      ``1 / (1 - b1)`` Adam steps moves the parameters only; the true step that judges
+      it starts from the Adam state (moments and step count) of the phase's start (a
+      longer phase keeps the moments it integrated): moments integrated with a learned
+      gradient in a few POD directions would steer the later true steps into slower
+      progress. With it, a phase that lowered the loss also resumes after a refit when
+      the judging step disagrees, and the next phase's length aims the judged error at
+      the schedule's tolerance.
+    - `gradient_basis`: verified schedule with a POD rank (default True): the learned
+      gradient lives in a POD basis of the recorded gradients (its input is still the
+      iterate's POD coordinates), and the judging step measures its error against the
+      whole true gradient, not only its part in a basis.
+    - `old_keywords` (``**``): the flat keywords of earlier releases, as in `lgfjax.lgf`.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
+    `lgfjax.VerifiedState` (verified) or an `lgfjax.LGFState` (fixed); its
+    ``base_state`` is an `AdamState`.
+
+    ```python
+    import jax, jax.numpy as jnp, optax, lgfjax
+
+    def loss(x):
+        return 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * (x - 1.0) ** 2)
+
+    opt = lgfjax.lgf_adam(0.05, schedule=lgfjax.Fixed(10, 30))
+    params = jnp.zeros(2)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        _, grads = lgfjax.value_and_grad(loss)(params, state)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(300):
+        params, state = step(params, state)
+    assert lgfjax.gradient_evaluations(state) == 100 and loss(params) < 1e-3
+    ```
+    """
+    schedule, fit, integrator = from_keywords("lgf_adam", schedule, fit, integrator, old_keywords)
+    options = flat_options(schedule, fit, integrator, max_step_ratio=10.0, derivatives=False)
+    return _lgf_adam(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        dt=dt,
+        buffer_dtype=buffer_dtype,
+        amsgrad=amsgrad,
+        restore_moments=restore_moments,
+        gradient_basis=gradient_basis,
+        **options,
+    )
+
+
+def _lgf_adam(
+    learning_rate: float | optax.Schedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
     history_size: int | None = None,
     retrain_interval: int | None = None,
     schedule: str | None = None,
@@ -236,98 +338,7 @@ def lgf_adam(
     restore_moments: bool | None = None,
     gradient_basis: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Learned gradient flow (LGF) with Adam as the base optimiser.
-
-    Every cycle of `retrain_interval` (M) updates starts with `history_size` (K) true
-    Adam steps (identical to `optax.adam`), recording the iterates and their gradients.
-    A sparse polynomial model of the gradient, ``g(a) ~ Theta(a) Xi``, is then fitted
-    to them by STLSQ, in the parameters themselves or in the coordinates of a
-    rank-`rank` POD basis of the iterates. Each of the remaining M - K updates
-    integrates the Adam ODE
-
-        dm/dt = (1 - b1)/eta (g - m),  dv/dt = (1 - b2)/eta (g^2 - v),
-        da/dt = -mhat / (sqrt(vhat) + eps)
-
-    over `dt` with diffrax, with the learned ``g`` and continuous bias corrections.
-    One Adam step is the semi-implicit Euler step of this ODE with ``dt = eta``, so
-    the moments carry over into the next true phase and the step counter advances by
-    one per surrogate step as well. Use `lgfjax.value_and_grad` so that the objective
-    is not evaluated in surrogate steps. Safeguards, `value_fn` checks and the
-    adaptive schedule are those of `lgfjax.lgf`.
-
-    **Arguments:**
-
-    - `learning_rate`, `b1`, `b2`, `eps`: Adam's, as in `optax.adam`; `learning_rate`
-      may be an optax schedule (of the Adam steps taken, true and surrogate): each
-      surrogate step then integrates the Adam ODE over its own scheduled rate.
-    - `history_size`: K, true steps recorded per cycle (``>= 2``), or the number of
-      recent (iterate, gradient) pairs the model is fitted to (verified; default 10).
-    - `retrain_interval`: M, updates per cycle (``>= K``); selects the fixed schedule.
-    - `schedule`, `verify_tolerance`: as in `lgfjax.lgf`; under the verified schedule
-      the judging true step compares the learned gradient with the true one.
-    - `dt`: integration time of one surrogate step; default `learning_rate` (one
-      Adam step's worth of time).
-    - `poly_order`, `include_bias`: the polynomial library of the gradient model.
-    - `rank`: POD rank ``1 <= rank <= K``, None for full space, or ``"auto"``, as
-      in `lgfjax.lgf`.
-    - `center`: POD of the iterates minus the last one, see `lgfjax.lgf`; advisable
-      for float32 parameters whose iterates move little relative to their size.
-      The moments always live in full space.
-    - `threshold`, `alpha`, `max_iter`, `normalize_columns`, `unbias`: STLSQ, see
-      `lgfjax.stlsq`.
-    - `relative_threshold`: measure `threshold` in units of the targets' typical
-      column norm instead of absolutely. With `normalize_columns` a term is then
-      dropped when it contributes less than `threshold` of the target's size, so
-      the fit does not empty as the iterates slow down near a minimum.
-    - `solver`, `substeps`, `stepsize_controller`, `max_steps`: the diffrax solve of
-      each surrogate step (initial step ``dt / substeps``).
-    - `max_step_ratio`: trust-region factor, or None for no bound.
-    - `check_every`, `check_tolerance`: the `value_fn` acceptance test, as in
-      `lgfjax.lgf`; a rollback restores the parameters and the Adam moments.
-    - `adaptive`, `max_surrogate_steps`, `max_horizon`: as in `lgfjax.lgf` (a surrogate
-      step of horizon h advances Adam's step count by h).
-    - `buffer_dtype`: storage dtype of the iterate and gradient buffers.
-    - `amsgrad`: use AMSGrad's running max of ``vhat`` (as `optax.amsgrad`).
-    - `restore_moments`: verified schedule (default True): a surrogate phase of at most
-      ``1 / (1 - b1)`` Adam steps moves the parameters only; the true step that judges
-      it starts from the Adam state (moments and step count) of the phase's start (a
-      longer phase keeps the moments it integrated). Moments integrated with a learned
-      gradient in a few POD directions steer the later true steps into slower progress
-      (deep energy: 1.23x Adam's gradients to its target without, 1.0x with). With it,
-      a phase that lowered the loss also resumes after a refit when the judging step
-      disagrees, and the next phase's length aims the judged error at
-      `verify_tolerance` (these two alone, without it, make deep energy worse).
-    - `gradient_basis`: verified schedule with a POD rank (default True): the learned
-      gradient lives in a POD basis of the recorded gradients (its input is still the
-      iterate's POD coordinates), and the judging step measures its error against the
-      whole true gradient, not only its part in a basis.
-
-    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
-    `lgfjax.LGFState`; its ``base_state`` is an `AdamState`.
-
-    ```python
-    import jax, jax.numpy as jnp, optax
-    from lgfjax._adam import lgf_adam
-    import lgfjax
-
-    def loss(x):
-        return 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * (x - 1.0) ** 2)
-
-    opt = lgf_adam(0.05, history_size=10, retrain_interval=30)
-    params = jnp.zeros(2)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state):
-        _, grads = lgfjax.value_and_grad(loss)(params, state)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    for _ in range(300):
-        params, state = step(params, state)
-    assert lgfjax.gradient_evaluations(state) == 100 and loss(params) < 1e-3
-    ```
-    """
+    """`lgf_adam` with the flat options of earlier releases, checked and built."""
     scheduled = callable(learning_rate)
     if scheduled and dt is not None:
         raise ValueError(

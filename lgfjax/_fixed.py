@@ -44,6 +44,7 @@ from ._flow import PolynomialFlow
 from ._layout import compiled_init, init_in_layout, is_flat, update_in_layout
 from ._library import library_size
 from ._status import NONFINITE_STEP, OK, SOLVER_FAILED, STEP_TOO_LARGE, VALUE_REJECTED
+from ._validate import _concrete, warn_once
 
 
 class CycleSchedule(NamedTuple):
@@ -115,6 +116,13 @@ class FixedConfig(NamedTuple):
     max_surrogate_steps: int
 
 
+EAGER_WARNING = (
+    "lgfjax: the fixed schedule's `update` runs eagerly here (its parameters are not "
+    "traced), one JAX operation at a time: a second or more per update. Wrap the "
+    "training step in `jax.jit`, as in the quickstart."
+)
+
+
 def make_transformation(
     *,
     base_init: Callable,
@@ -152,6 +160,8 @@ def make_transformation(
                 "`check_every` is set, so `update` needs the extra argument "
                 "`value_fn` (params -> scalar loss), as for `optax.lbfgs`."
             )
+        if all(_concrete(x) for x in jax.tree_util.tree_leaves(params)):
+            warn_once("eager fixed", EAGER_WARNING)
         flat = is_flat(state.window.trajectory, params)
 
         def in_layout(updates, state, params, base_update, to_tree):

@@ -13,6 +13,7 @@ from ._derivatives import FD_ORDERS
 from ._fit import FitConfig
 from ._fixed import FixedConfig, make_transformation
 from ._flow import RK4, integrate_span
+from ._options import Fit, Fixed, Integrator, Verified, flat_options, from_keywords
 from ._validate import (
     _concrete,
     check_bool,
@@ -79,6 +80,91 @@ def lgf(
     base: optax.GradientTransformation,
     *,
     dt: float,
+    schedule: Verified | Fixed | None = None,
+    fit: Fit | None = None,
+    integrator: Integrator | None = None,
+    buffer_dtype=None,
+    **old_keywords,
+) -> optax.GradientTransformationExtraArgs:
+    """Learned gradient flow (LGF) around any optax optimiser.
+
+    True steps of `base` are recorded; a sparse polynomial ODE is fitted to them (in a
+    POD subspace) and integrated with diffrax instead of evaluating the gradient. Use
+    `lgfjax.value_and_grad` (or `lgfjax.needs_gradient`) so that the objective is not
+    evaluated in surrogate steps.
+
+    With the default `lgfjax.Verified` schedule, each true step records the base's
+    velocity ``update / dt``, a linear model in a centred rank-``K // 2`` POD is
+    fitted to the last K of them, and the first true step after each surrogate phase
+    judges it for free: agreement lengthens the next phase, disagreement shortens it
+    and takes fresh true steps, and a loss rise (pass the loss as the extra argument
+    ``value``) undoes the phase. `lgfjax.Fixed` is the paper's schedule: every cycle
+    of M updates takes K true steps, fits, and integrates the flow for the rest.
+
+    Safeguards cost no gradient: a fit that is not finite or keeps no term, a diffrax
+    failure, a non-finite step, or a step longer than the trust region abandons the
+    surrogate phase; that update is zero and true steps follow. The reason is kept in
+    the state (see `lgfjax.diagnostics`).
+
+    **Arguments:**
+
+    - `base`: the optimiser taking the true steps, e.g. ``optax.sgd(1e-2)``.
+    - `dt`: time between recorded iterates, and integration time per surrogate step.
+      For gradient descent, its learning rate. With a decaying schedule in `base`, the
+      learned velocity carries the rate of the recent true steps; keep `dt` at the
+      schedule's initial rate.
+    - `schedule`: `lgfjax.Verified(...)` (default) or `lgfjax.Fixed(history_size,
+      retrain_interval, ...)`, with the schedule's own options.
+    - `fit`: `lgfjax.Fit(...)`: the polynomial library, the POD rank and STLSQ.
+    - `integrator`: `lgfjax.Integrator(...)`: the diffrax solver of a surrogate step
+      and the trust region (``max_step_ratio``, default 3).
+    - `buffer_dtype`: storage dtype of the trajectory buffer (e.g. ``jnp.bfloat16``);
+      the fit itself runs in float32 or float64. Each row is rounded to ``eps |x|`` of
+      that dtype, so a POD mode that moves less than that over the window is rounding
+      noise; the trust region then refuses the phase (a fallback, never a non-finite
+      step). Use low-precision buffers where the iterates move by much more than their
+      own rounding over K steps.
+    - `old_keywords` (``**``): the flat keywords of earlier releases (``history_size=``,
+      ``retrain_interval=``, ``poly_order=``, ...) still work for this release, with a
+      `DeprecationWarning` that shows the new spelling.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
+    `lgfjax.VerifiedState` (verified) or an `lgfjax.LGFState` (fixed).
+
+    `optax.inject_hyperparams(lgfjax.lgf)(base=..., dt=...)` injects `dt`; to inject
+    an option of an object, wrap the construction in a function of that float (see
+    the guide's "Configuration").
+
+    ```python
+    import jax, jax.numpy as jnp, optax, lgfjax
+
+    def loss(x):
+        return 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * x**2)
+
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1, schedule=lgfjax.Fixed(10, 30))
+    params = jnp.array([1.0, 1.0])
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        _, grads = lgfjax.value_and_grad(loss)(params, state)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(90):
+        params, state = step(params, state)
+    assert lgfjax.gradient_evaluations(state) == 30 and loss(params) < 1e-6
+    ```
+    """
+    schedule, fit, integrator = from_keywords("lgf", schedule, fit, integrator, old_keywords)
+    options = flat_options(schedule, fit, integrator, max_step_ratio=3.0, derivatives=True)
+    return _lgf(base, dt=dt, buffer_dtype=buffer_dtype, **options)
+
+
+def _lgf(
+    base: optax.GradientTransformation,
+    *,
+    dt: float,
     history_size: int | None = None,
     retrain_interval: int | None = None,
     schedule: str | None = None,
@@ -109,124 +195,8 @@ def lgf(
     max_horizon: int = 8,
     buffer_dtype=None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Learned gradient flow (LGF) around any optax optimiser.
-
-    Two schedules. Without `retrain_interval` the **verified** schedule runs (see
-    `lgfjax._verified`): each true step records the base's velocity ``update / dt``
-    at its iterate, a linear model in a centred rank-``K // 2`` POD is fitted to the
-    last K of them, and the first true step after each surrogate phase judges it for
-    free; agreement doubles the next phase, disagreement halves it and takes fresh
-    true steps, and a loss rise (pass the loss as the extra argument ``value``)
-    undoes the phase. With `retrain_interval` (or ``schedule="fixed"``) the paper's
-    **fixed** schedule runs, as described next.
-
-    Every cycle of `retrain_interval` (M) updates starts with `history_size` (K) true
-    steps of `base`, whose iterates are recorded. The next update fits a sparse
-    polynomial ODE ``dz/dt = Theta(z) Xi`` to that trajectory (sampled every `dt`),
-    in the parameters themselves or in the coordinates of a rank-`rank` POD basis,
-    and then each of the remaining M - K updates integrates the learned flow over
-    `dt` with diffrax instead of using a gradient. Use `lgfjax.value_and_grad` (or
-    `lgfjax.needs_gradient`) so that the objective is not evaluated in those steps.
-
-    Safeguards cost no gradient: a fit that is not finite or keeps no term, a diffrax
-    failure, a non-finite step, or a step longer than `max_step_ratio` times the
-    last recorded true step (in parameter space) abandons the surrogate phase; that
-    update is zero and the rest of the cycle takes true steps. The reason is kept in
-    ``state.status``.
-    With `check_every`, the loss is also checked through the extra argument
-    `value_fn` every `check_every` surrogate steps and at the end of the phase (no
-    gradient); a rise rolls back to the last accepted point.
-
-    **Arguments:**
-
-    - `base`: the optimiser taking the true steps, e.g. ``optax.sgd(1e-2)``. For
-      gradient descent's flow, `dt` equals its learning rate.
-    - `history_size`: K, true steps recorded per cycle (fixed), or the number of
-      recent true steps the model is fitted to (verified; default 10).
-    - `retrain_interval`: M, updates per cycle (``>= K``); selects the fixed schedule.
-    - `schedule`: ``"verified"`` or ``"fixed"``; default: fixed if `retrain_interval`
-      is given, else verified.
-    - `verify_tolerance`: verified schedule: largest relative error
-      ``|predicted - measured| / |measured|`` of the flow at the judging true step
-      that counts as agreement, in [0, 1) (0.2: direction within about 11.5 degrees,
-      speed within 20%).
-    - `dt`: time between recorded iterates, and integration time per surrogate step.
-      For gradient descent, its learning rate. With a decaying schedule in `base`, the
-      learned velocity ``update / dt`` carries the rate of the recent true steps, so
-      surrogate steps move at that rate (it does not decay further within a phase);
-      keep `dt` at the schedule's initial rate.
-    - `poly_order`, `include_bias`: the polynomial library.
-    - `rank`: POD rank ``1 <= rank <= K``, or None to fit in full parameter space;
-      ``"auto"`` (default) is None for the fixed schedule and ``min(n, K // 2)`` for
-      the verified one.
-    - `center`: (default: True with a rank under the verified schedule, else False)
-      take the POD of the iterates minus the last one (the paper's POD is
-      uncentred). Resolves small moves of large parameters in float32; the flow's
-      coordinates are then relative to that iterate, so keep `include_bias`.
-    - `derivative`: ``"strong"`` (finite differences of order `fd_order` in
-      {1, 2, 4}) or ``"weak"`` (test functions of `weak_width` samples, power
-      `weak_power`).
-    - `threshold`, `alpha`, `max_iter`, `normalize_columns`, `unbias`: STLSQ, see
-      `lgfjax.stlsq`.
-    - `relative_threshold`: (default: True for the verified schedule, False for the
-      fixed one) measure `threshold` in units of the targets' typical
-      column norm instead of absolutely. With `normalize_columns` a term is then
-      dropped when it contributes less than `threshold` of the target's size, so
-      the fit does not empty as the iterates slow down near a minimum.
-    - `solver`, `substeps`, `stepsize_controller`, `max_steps`: the diffrax solve of
-      each surrogate step (initial step ``dt / substeps``).
-    - `max_step_ratio`: trust-region factor, or None for no bound.
-    - `derivative`, `fd_order`, `weak_width`, `weak_power`, `check_every`,
-      `check_tolerance`, `adaptive`: fixed schedule only.
-    - `check_every`, `check_tolerance`: the `value_fn` acceptance test; a check
-      passes when ``loss <= reference + check_tolerance * |reference|``.
-    - `adaptive`: double the surrogate phase after a cycle with no fallback, halve it
-      after one with, between 1 and `max_surrogate_steps` (default ``4 (M - K)``).
-    - `buffer_dtype`: storage dtype of the trajectory buffer (e.g. ``jnp.bfloat16``);
-      the fit itself runs in float32 or float64. A known limit: each row is rounded to
-      ``eps |x|`` of that dtype (bfloat16 2^-8, float16 2^-11), so a POD mode that moves
-      less than that over the window is rounding noise, and its fitted rate can have
-      the wrong sign; the trust region then refuses the phase (a fallback, never a
-      non-finite step). Use low-precision buffers where the iterates move by much more
-      than their own rounding over K steps.
-
-    - `max_surrogate_steps`: the longest phase (default ``4 (M - K)`` fixed with
-      `adaptive`, ``50 K`` verified).
-    - `max_horizon`: verified schedule: the longest time one surrogate step
-      integrates, in units of `dt` (a power of two; 1 keeps every step at `dt`). A
-      confirmed phase of at least ``4 K`` steps doubles the horizon, any failure
-      halves it, so a flow that stays right covers more ground per update (the
-      integrator's own step stays ``dt / substeps``; the trust region grows with it).
-
-    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
-    `lgfjax.LGFState` (fixed) or a `VerifiedState` (verified).
-
-    With `optax.inject_hyperparams`, pass ``static_args=lgfjax.static_args(lgfjax.lgf)``
-    (the integer, boolean and choice arguments fix array shapes or the program); `dt`,
-    `threshold`, `alpha`, `max_step_ratio`, `check_tolerance` and `verify_tolerance`
-    can be injected.
-
-    ```python
-    import jax, jax.numpy as jnp, optax, lgfjax
-
-    def loss(x):
-        return 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * x**2)
-
-    opt = lgfjax.lgf(optax.sgd(0.1), history_size=10, retrain_interval=30, dt=0.1)
-    params = jnp.array([1.0, 1.0])
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state):
-        _, grads = lgfjax.value_and_grad(loss)(params, state)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    for _ in range(90):
-        params, state = step(params, state)
-    assert lgfjax.gradient_evaluations(state) == 30 and loss(params) < 1e-6
-    ```
-    """
+    """`lgf` with the flat options of earlier releases, checked and built (the engine
+    behind the public front end; `flat_options` turns the option objects into these)."""
     if not isinstance(base, optax.GradientTransformation):
         raise ValueError(f"`base` must be an optax.GradientTransformation, got {base!r}.")
     check_choice("derivative", derivative, ("strong", "weak"))

@@ -144,7 +144,7 @@ def value_and_newton_direction(
     def loss(x):
         return jnp.sum(jnp.cosh(x - 1.0))
 
-    opt = lgfjax.lgf(lgfjax.newton(0.2), history_size=8, retrain_interval=16, dt=0.2)
+    opt = lgfjax.lgf(lgfjax.newton(0.2), dt=0.2, schedule=lgfjax.Fixed(8, 16))
     params = jnp.zeros(2)
     state = opt.init(params)
 

@@ -54,13 +54,15 @@ class LGFMinimiser(optx.AbstractMinimiser):
     ``|f - f_prev| < atol + rtol |f|``. Surrogate steps never terminate: their moves
     come from the learned model, not from the objective, and their values are not
     known. A converged run therefore ends on a true step, possibly after finishing
-    a surrogate phase (at most ``retrain_interval - history_size`` extra steps, all
-    without gradients). ``sol.stats`` reports ``gradient_evaluations`` (true
-    gradients) and ``function_evaluations`` (calls of ``fn``, including any
-    ``check_every`` value checks); ``num_steps`` counts every step.
-
-    If `optim` was built with `check_every`, its ``value_fn`` is ``fn(y, args)``
-    (evaluated without a gradient).
+    a surrogate phase (all without gradients: at most ``retrain_interval -
+    history_size`` extra steps under `lgfjax.Fixed`, and the phase's planned length,
+    at most the schedule's ``max_surrogate_steps``, under `lgfjax.Verified`).
+    ``sol.stats`` reports ``gradient_evaluations`` (true gradients) and
+    ``function_evaluations`` (calls of ``fn``, including any value checks);
+    ``num_steps`` counts every step. The loss of each true step is
+    passed as ``value``, and ``value_fn`` is ``fn(y, args)`` (evaluated without a
+    gradient: `lgfjax.Fixed`'s ``check_every`` checks, or the verified schedule's
+    paired comparisons under noise).
 
     **Arguments:**
 
@@ -77,7 +79,7 @@ class LGFMinimiser(optx.AbstractMinimiser):
     def fn(x, args):
         return 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * x**2)
 
-    opt = lgfjax.lgf(optax.sgd(0.2), history_size=6, retrain_interval=30, dt=0.2)
+    opt = lgfjax.lgf(optax.sgd(0.2), dt=0.2, schedule=lgfjax.Fixed(6, 30))
     sol = optx.minimise(fn, LGFMinimiser(opt, rtol=1e-6, atol=1e-8), jnp.ones(2),
                         max_steps=500)
     assert jnp.allclose(sol.value, 0.0, atol=1e-5)

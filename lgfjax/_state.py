@@ -15,7 +15,7 @@ from ._fixed import LGFState
 from ._layout import HOST_VALUES, is_flat, jit_when
 from ._noise import scalar_error
 from ._status import STATUS_MESSAGES, Status
-from ._validate import _concrete
+from ._validate import _concrete, warn_once
 from ._verified import UNGATED_WARNING, VerifiedState
 
 _STATES = (LGFState, VerifiedState)
@@ -248,16 +248,13 @@ def _loss_noise(s: VerifiedState):
 
 
 _STATUS_NAMES = {int(code): code.name for code in Status}
-_WARNED: set[str] = set()
 # A verified run whose phases the next true step confirms this rarely saves little.
 RARELY = 0.2
 RARELY_AFTER = 20  # judged phases before the warning can fire
 
 
 def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, UserWarning, stacklevel=3)
+    warn_once(key, message, stacklevel=4)
 
 
 def _warn_if_concrete(s: VerifiedState) -> None:

@@ -1,6 +1,7 @@
 """Construction-time checks that name the offending argument, its value and range."""
 
 import numbers
+import warnings
 
 import jax
 import numpy as np
@@ -33,7 +34,21 @@ _STATIC = (
     "max_horizon",
     "buffer_dtype",
     "amsgrad",
+    "fit",
+    "integrator",
+    "restore_moments",
+    "gradient_basis",
 )
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str, stacklevel: int = 3) -> None:
+    """A `UserWarning`, once per process for each `key`."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=stacklevel)
 
 
 def _concrete(value) -> bool:
@@ -48,11 +63,10 @@ def _fail(name, value, allowed):
 def static_args(factory) -> tuple[str, ...]:
     """The arguments of `factory` (`lgfjax.lgf` or `lgfjax.lgf_adam`) that must be static.
 
-    They fix array shapes or the compiled program (integers, booleans, choices), so they
-    cannot be hyperparameter arrays; `optax.inject_hyperparams` injects every numeric
-    argument it is not told about, defaults included. `dt`, `threshold`, `alpha`,
-    `max_step_ratio`, `check_tolerance`, `verify_tolerance` and Adam's rate and
-    moments can be injected.
+    The options that fix array shapes or the compiled program live in the option
+    objects (`lgfjax.Verified`, `lgfjax.Fixed`, `lgfjax.Fit`, `lgfjax.Integrator`),
+    which `optax.inject_hyperparams` leaves alone, so it needs no ``static_args``
+    any more; this stays for code written against earlier releases.
 
     ```python
     import optax, lgfjax

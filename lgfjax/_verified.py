@@ -87,7 +87,7 @@ from ._status import (
     SOLVER_FAILED,
     STEP_TOO_LARGE,
 )
-from ._validate import _concrete
+from ._validate import _concrete, warn_once
 
 
 class Schedule(NamedTuple):
@@ -211,6 +211,14 @@ def _simulated_devices() -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() > 1
 
 
+NO_VALUE_WARNING = (
+    "lgfjax: the verified schedule's `update` got no `value=` (the loss at `params`, "
+    "which `lgfjax.value_and_grad` returns): a surrogate phase that raised the loss "
+    "cannot be undone, and phases are judged by the flow's agreement alone. Pass "
+    "`opt.update(grads, state, params, value=loss)`."
+)
+
+
 def _host_warning():
     """``warn(flag)``: the ungated-gradient warning from inside the compiled step, once
     per optimiser (only with `_simulated_devices`)."""
@@ -303,6 +311,8 @@ def make_verified(
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         if params is None:
             raise ValueError("lgfjax transformations need `params` in `update`.")
+        if value is None:
+            warn_once("no value", NO_VALUE_WARNING)
         if extra_args:  # may hold callables: no jit boundary of our own
             step, new_state = update(updates, state, params, value, extra_args)
             _warn_if_ungated(state, new_state)

@@ -68,16 +68,17 @@ def test_chain_and_state_lookup(kind):
 
 
 @pytest.mark.parametrize("factory", ["lgf", "lgf_adam"])
-def test_inject_hyperparams_needs_static_args_and_says_so(factory):
-    # optax injects every numeric argument (defaults included) unless told otherwise:
-    # without static_args the error names the argument and the fix.
+@pytest.mark.parametrize("static", [False, True])
+def test_inject_hyperparams_needs_no_static_args(factory, static):
+    # The options that fix shapes live in objects, which optax leaves alone; only the
+    # top-level floats (dt, Adam's rate and moments) are injected. `static_args` is
+    # still accepted.
     f = getattr(lgfjax, factory)
     args = (optax.sgd(0.1),) if factory == "lgf" else (0.05,)
     kwargs = {"dt": 0.1} if factory == "lgf" else {}
+    extra = {"static_args": lgfjax.static_args(f)} if static else {}
+    opt = optax.inject_hyperparams(f, **extra)(*args, **kwargs)
     x = jnp.zeros(3)
-    with pytest.raises(ValueError, match="static_args=lgfjax.static_args"):
-        optax.inject_hyperparams(f)(*args, **kwargs).init(x)
-    opt = optax.inject_hyperparams(f, static_args=lgfjax.static_args(f))(*args, **kwargs)
     state = opt.init(x)
     loss = lambda p: jnp.sum((p - 1.0) ** 2)  # noqa: E731
     step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p))
@@ -96,25 +97,17 @@ def test_numbers_are_checked_at_construction():
 
 @pytest.mark.numerics
 def test_inject_hyperparams():
-    # Numeric hyperparameters can be injected; sizes stay static.
-    static = (
-        "base",
-        "history_size",
-        "retrain_interval",
-        "rank",
-        "poly_order",
-        "include_bias",
-        "fd_order",
-        "max_iter",
-        "normalize_columns",
-        "unbias",
-        "substeps",
-        "weak_power",
-        "adaptive",
-    )
-    opt = optax.inject_hyperparams(lgfjax.lgf, static_args=static)(
-        base=optax.sgd(0.1), history_size=K, retrain_interval=M, dt=0.1, threshold=1e-8
-    )
+    # An option of an object is injected through a factory of that float; the
+    # sizes stay in the objects, static.
+    def factory(dt, threshold):
+        return lgfjax.lgf(
+            optax.sgd(0.1),
+            dt=dt,
+            schedule=lgfjax.Fixed(K, M),
+            fit=lgfjax.Fit(threshold=threshold),
+        )
+
+    opt = optax.inject_hyperparams(factory)(dt=0.1, threshold=1e-8)
     problem = quadratic(n=2)
     grad = jax.grad(problem.loss)
 
@@ -142,7 +135,7 @@ def test_inject_hyperparams():
     state = state._replace(hyperparams={**state.hyperparams, "threshold": jnp.asarray(100.0)})
     changed = trajectory(opt, state)
     rebuilt = lgfjax.lgf(
-        optax.sgd(0.1), history_size=K, retrain_interval=M, dt=0.1, threshold=100.0
+        optax.sgd(0.1), dt=0.1, schedule=lgfjax.Fixed(K, M), fit=lgfjax.Fit(threshold=100.0)
     )
     # (Threshold 100 drops every term, so both fall back to the same SGD steps.)
     np.testing.assert_allclose(
