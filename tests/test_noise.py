@@ -89,14 +89,19 @@ def test_measurement_noise_uses_consecutive_rows_only():
     assert got == pytest.approx(expected, rel=1e-10)
 
 
-def _run(
-    opt, problem, seed, updates, params=None, state=None, paired=True, per_sample=True, calls=None
-):
-    """`updates` steps of a jitted mini-batch loop (from `params`, `state` if given);
-    batch j is the one of the j-th true gradient, so every optimiser sees the same."""
+# Compiled steps, one per (optimiser, problem, options): a test that steps a run a few
+# updates at a time reuses its program instead of compiling a new one for each call.
+# The seed is an argument of the program, so every seed shares it too.
+_STEPS = {}
+
+
+def _step_fn(opt, problem, paired, per_sample, calls):
+    key = (id(opt), id(problem), paired, per_sample, id(calls))
+    if key in _STEPS:
+        return _STEPS[key][-1]
 
     @jax.jit
-    def step(params, state):
+    def step(params, state, seed):
         batch = problem.batch(seed, lgfjax.gradient_evaluations(state), 32)
 
         def losses(p):
@@ -117,11 +122,22 @@ def _run(
         updates, state = opt.update(grads, state, params, value=value, **extra)
         return optax.apply_updates(params, updates), state
 
+    # The key's objects are kept alive with the program, so their ids stay unique.
+    _STEPS[key] = (opt, problem, calls, step)
+    return step
+
+
+def _run(
+    opt, problem, seed, updates, params=None, state=None, paired=True, per_sample=True, calls=None
+):
+    """`updates` steps of a jitted mini-batch loop (from `params`, `state` if given);
+    batch j is the one of the j-th true gradient, so every optimiser sees the same."""
+    step = _step_fn(opt, problem, paired, per_sample, calls)
     if params is None:
         params = problem.x0
         state = opt.init(params)
     for _ in range(updates):
-        params, state = step(params, state)
+        params, state = step(params, state, seed)
     return params, state
 
 
