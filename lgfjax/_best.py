@@ -1,12 +1,19 @@
 """The best true point, and a run that returns to it rather than stay far above it.
 
-The guarantee, in one line: **the loss at true steps never stays above 10 times the
-best true loss so far (plus 4 of its standard errors where the best was found, and 1e-6
-of the first true loss)
-for more than `history_size` true steps in a row; if it would, the run returns to the
-best true point and the base's own state there, and its next phases are short**; once
-per best point (from it the base's own steps may rise again, and a second return would
-replay them).
+The guarantee, in one line: **the loss at true steps never stays above the bound for
+more than `history_size` true steps in a row; if it would, the run returns to the best
+true point and the base's own state there, and its next phases are short**; once per
+best point (from it the base's own steps may rise again, and a second return would
+replay them). The bound is the best true loss so far plus the smaller of
+
+- 9 times that loss (where it is positive: 10x the best, for losses whose minimum is
+  0, such as least squares), and
+- half the descent made from the first true loss to the best (a run that lost half
+  of its progress: for any loss, whatever its offset or sign, such as a log-misfit or
+  an energy),
+
+plus 4 standard errors of the loss where the best was found (mini-batches) and 1e-6
+of the first true loss's size (round-off near a minimum).
 
 It costs no gradient (it reads the losses the true steps pass as `value`) and one copy
 of the parameters (and the base's state) whenever a true step finds a new best.
@@ -22,8 +29,10 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._engine import once_or_never
 
-# How far above the best true loss a run may stay (for `history_size` true steps).
+# How far above the best true loss a run may stay (for `history_size` true steps): a
+# factor of the best (losses with minimum 0), or a share of the descent made so far.
 SPIKE_FACTOR = 10.0
+SPIKE_PROGRESS = 0.5
 # Standard errors of the loss (mini-batches) added to that bound.
 SPIKE_ERRORS = 4.0
 # And this share of the first true loss: a converged run's losses at round-off level
@@ -63,9 +72,12 @@ def watch(best: Best, is_true, loss, patience: int) -> tuple[Bool[Array, ""], An
     whose losses fluctuate by themselves (Adam's oscillation at a fixed rate, a
     mini-batch's noise) has a wide bound, and one that descended smoothly and then
     jumped has a narrow one, however much it fluctuates after the jump."""
-    floor = SPIKE_FLOOR * jnp.abs(jnp.where(jnp.isfinite(best.first), best.first, 0))
+    first = jnp.where(jnp.isfinite(best.first), best.first, jnp.inf)
+    floor = SPIKE_FLOOR * jnp.abs(jnp.where(jnp.isfinite(first), first, 0))
     spread = SPIKE_ERRORS * best.error + floor
-    bound = best.loss + (SPIKE_FACTOR - 1) * jnp.abs(best.loss) + spread
+    factor = jnp.where(best.loss > 0, (SPIKE_FACTOR - 1) * best.loss, jnp.inf)
+    margin = jnp.minimum(factor, SPIKE_PROGRESS * (first - best.loss))
+    bound = best.loss + margin + spread
     high = is_true & jnp.isfinite(best.loss) & jnp.isfinite(loss) & ~(loss <= bound)
     above = jnp.where(is_true, jnp.where(high, best.above + 1, 0), best.above)
     # One return per best point: from it, the base's own steps may rise again (Adam at a

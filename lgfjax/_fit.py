@@ -162,7 +162,8 @@ def regress(cfg: FitConfig, features, target, finite_traj, basis, energy, dtype)
         jnp.where(
             ~(jnp.all(jnp.isfinite(coef)) & jnp.isfinite(residual)),
             FIT_FAILED,
-            jnp.where(active == 0, EMPTY_MODEL, OK),
+            # No term for targets that are all zero is the exact (zero) model.
+            jnp.where((active == 0) & (scale > 0), EMPTY_MODEL, OK),
         ),
     ).astype(jnp.int32)
     coef = jnp.where(status == OK, coef, 0.0)

@@ -331,7 +331,10 @@ def _schedule_from(named, moved):
             "adaptive": "the verified schedule sets phase lengths from the verification record",
         }.get(name, "the verified schedule models the base's velocity `update / dt`")
         raise ValueError(f"`{name}` applies to schedule='fixed' ({hint}), got {name}={value!r}.")
-    return Verified(**fields)
+    try:
+        return Verified(**fields)
+    except ValueError as error:  # name the keyword the caller wrote
+        raise ValueError(str(error).replace("`tolerance`", "`verify_tolerance`")) from None
 
 
 def flat_options(schedule, fit, integrator, *, max_step_ratio, derivatives):
