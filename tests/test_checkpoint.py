@@ -17,8 +17,9 @@ import lgfjax
 from lgfjax._adam import lgf_adam
 
 # The script builds the optimiser, optionally restores a checkpoint, runs some jitted
-# steps and saves params and state. It runs in fresh interpreters so that nothing
-# (compilation caches, Python objects) survives between the save and the restore.
+# steps and saves params and state (and, if asked, a checkpoint after `at` of those
+# steps). It runs in fresh interpreters so that nothing (compilation caches, Python
+# objects) survives between the save and the restore.
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -29,6 +30,7 @@ SCRIPT = textwrap.dedent(
     from problems import perturb  # 4 ulps under pytest --perturb (LGFJAX_TEST_PERTURB)
 
     kind, steps, load, save = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    at, checkpoint = (int(sys.argv[5]), sys.argv[6]) if len(sys.argv) > 6 else (None, None)
     if kind == "lgf":
         opt = lgfjax.lgf(optax.sgd(0.05), history_size=6, retrain_interval=15, dt=0.05, rank=2,
                          check_every=3)
@@ -52,22 +54,28 @@ SCRIPT = textwrap.dedent(
         updates, state = opt.update(grads, state, params, value_fn=loss)
         return optax.apply_updates(params, updates), state
 
-    for _ in range(steps):
+    def dump(path):
+        leaves = jax.tree_util.tree_leaves((params, state))
+        np.savez(path, **{f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)})
+
+    for i in range(steps):
         params, state = step(params, state)
-    leaves = jax.tree_util.tree_leaves((params, state))
-    np.savez(save, **{f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)})
+        if i + 1 == at:
+            dump(checkpoint)
+    dump(save)
     """
 )
 
 
-def _run(tmp_path, kind, steps, load, save):
+def _run(tmp_path, kind, steps, load, save, *checkpoint):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     # The script imports tests/problems.py; LGFJAX_TEST_PERTURB passes through the env.
     tests = str(Path(__file__).parent)
     path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
     subprocess.run(
-        [sys.executable, str(script), kind, str(steps), str(load), str(save)],
+        [sys.executable, str(script), kind, str(steps), str(load), str(save)]
+        + [str(c) for c in checkpoint],
         check=True,
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": path},
@@ -79,9 +87,10 @@ def _run(tmp_path, kind, steps, load, save):
 @pytest.mark.numerics
 @pytest.mark.parametrize("kind", ["lgf", "lgf_adam"])
 def test_restore_in_fresh_process_is_bitwise_identical(tmp_path, kind):
-    # 9 steps stops inside the surrogate phase of the first cycle (K = 6, M = 15).
-    straight = _run(tmp_path, kind, 25, "-", tmp_path / "straight.npz")
-    _run(tmp_path, kind, 9, "-", tmp_path / "half.npz")
+    # 9 steps stops inside the surrogate phase of the first cycle (K = 6, M = 15). The
+    # straight run writes that checkpoint on its way (saving reads the arrays, it changes
+    # nothing); a second, fresh process restores it and runs the remaining 16 steps.
+    straight = _run(tmp_path, kind, 25, "-", tmp_path / "straight.npz", 9, tmp_path / "half.npz")
     resumed = _run(tmp_path, kind, 16, tmp_path / "half.npz", tmp_path / "resumed.npz")
     assert len(straight) == len(resumed)
     for a, b in zip(straight, resumed):

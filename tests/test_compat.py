@@ -221,8 +221,10 @@ def test_no_recompilation_on_later_updates(kind):
     assert step._cache_size() == 1
 
 
+# lgf on the fixed schedule under vmap is tests/test_vmap.py's subject (16 runs, seeds
+# and learning rates); here lgf_adam, and lgf again under `python -m pytest -m slow`.
 @pytest.mark.numerics
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [pytest.param("lgf", marks=pytest.mark.slow), "lgf_adam"])
 def test_vmap_over_independent_runs(kind):
     # Under vmap lax.cond becomes select: every branch runs, but results are exact.
     opt = make(kind)

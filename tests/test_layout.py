@@ -75,8 +75,13 @@ def test_a_users_base_keeps_its_own_pytree_state():
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
 
 
+# "lgf fixed" runs the fixed engine in both layouts and "lgf_adam" Adam's moments in
+# them; lgf_adam on the fixed engine combines the two (`python -m pytest -m slow`).
 @pytest.mark.numerics
-@pytest.mark.parametrize("kind", list(_optimisers(0.1)))
+@pytest.mark.parametrize(
+    "kind",
+    ["lgf", "lgf fixed", "lgf_adam", pytest.param("lgf_adam fixed", marks=pytest.mark.slow)],
+)
 def test_flat_and_pytree_layouts_agree(kind, monkeypatch):
     problem = pytree_quadratic()
     make = _optimisers(problem.lr)[kind]

@@ -23,6 +23,7 @@ targets, dual STLSQ) on 8 simulated devices: with batched LAPACK calls in the fi
 jaxlib 0.10's CPU kernels deadlocked the process there (see `lgfjax._stlsq._per_target`).
 """
 
+import functools
 import json
 import subprocess
 import sys
@@ -122,18 +123,39 @@ def test_multi_target_fit_does_not_deadlock():
     assert 20 <= evaluations < 30
 
 
-@pytest.fixture(scope="module")
-def explicit():
+# Each configuration compiles three runs in the subprocess. The default suite runs the
+# three that reach different code: the full-space flow (the flat vector gathered), a
+# POD basis with a degree-2 fit (contractions over n with an explicit output sharding;
+# the largest rounding amplification), and lgf_adam (its full-size ODE state solved with
+# the axes in auto mode). "center" and "check_every" are the same POD contractions plus
+# an elementwise origin and value_fn checks: `python -m pytest -m slow` runs them.
+EXPLICIT_DEFAULT = ("full", "rank_deg2", "adam")
+EXPLICIT_SLOW = ("center", "check_every")
+
+
+@functools.cache
+def _explicit_run(configs):
     script = Path(__file__).with_name("_explicit_run.py")
     out = subprocess.run(
-        [sys.executable, str(script), "--x64"], capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), "--x64", *configs],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture
+def explicit(config):
+    return _explicit_run(EXPLICIT_DEFAULT if config in EXPLICIT_DEFAULT else EXPLICIT_SLOW)
+
+
 @pytest.mark.numerics
-@pytest.mark.parametrize("config", ["full", "rank_deg2", "center", "check_every", "adam"])
+@pytest.mark.parametrize(
+    "config",
+    [*EXPLICIT_DEFAULT, *(pytest.param(c, marks=pytest.mark.slow) for c in EXPLICIT_SLOW)],
+)
 def test_explicit_axes(explicit, config):
     # jax.make_mesh's default axis type: contractions over n need an explicit output
     # sharding, full space needs the flat vector gathered, and lgf_adam's full-size

@@ -19,13 +19,24 @@ def argtrigls(x):
     return jnp.sum(r**2)
 
 
-def run(opt, loss, x0, steps, use_value=True, state=None):
-    @jax.jit
-    def step(p, s):
-        v, g = lgfjax.value_and_grad(loss)(p, s)
-        u, s = opt.update(g, s, p, value=v) if use_value else opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
+# Compiled steps, one per (optimiser, loss, use_value): a test that reruns the same
+# optimiser for 1, 2, 3, ... steps compiles its step once. The cache keeps the key's
+# objects alive, so their ids stay unique.
+_STEPS = {}
 
+
+def run(opt, loss, x0, steps, use_value=True, state=None):
+    key = (id(opt), id(loss), use_value)
+    if key not in _STEPS:
+
+        @jax.jit
+        def step(p, s):
+            v, g = lgfjax.value_and_grad(loss)(p, s)
+            u, s = opt.update(g, s, p, value=v) if use_value else opt.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        _STEPS[key] = (opt, loss, step)
+    step = _STEPS[key][-1]
     p, s = x0, opt.init(x0) if state is None else state
     for _ in range(steps):
         p, s = step(p, s)
