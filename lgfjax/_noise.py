@@ -4,15 +4,16 @@ With mini-batch gradients or resampled collocation points, two losses from diffe
 batches differ by noise, and one gradient differs from the learned flow by noise, even
 when the flow is right. The verified schedule's verdicts take that into account:
 
-- **The loss.** A loss comes with a standard error: the spread of per-sample losses
-  over the square root of their number when `value` is a vector of them, else an
-  estimate from the rises between consecutive true steps' losses, counted only where
-  the recorded gradients are noisy too (a deterministic run's own rises are not noise). With a `value_fn` bound to the judging step's
-  batch, the phase's start is evaluated on that same batch (a paired comparison, as
-  stochastic line searches do); per-sample vectors then give the paired difference's
-  standard error. A phase is undone when the loss rose by more than `Z` standard errors
-  (plus the loss's rounding), and the verdict is *inconclusive* when the change is
-  within them: no evidence either way, so the next phase keeps the length it had.
+- **The loss.** A loss comes with a standard error: the spread of per-sample losses over
+  the square root of their number when `value` is a vector of them, else an estimate
+  from the rises between consecutive true steps' losses, counted only where the recorded
+  gradients are noisy too (a deterministic run's own rises are not noise). With a
+  `value_fn` bound to the judging step's batch, the phase's start is evaluated on that
+  same batch (a paired comparison, as stochastic line searches do); per-sample vectors
+  then give the paired difference's standard error. A phase is undone when the loss rose
+  by more than `Z` standard errors (plus the loss's rounding), and the verdict is
+  *inconclusive* when the change is within them: no evidence either way, so the next
+  phase keeps the length it had.
 - **The flow.** The relative noise of the recorded measurements is estimated from their
   second differences along consecutive true steps (a smooth trajectory has almost none;
   independent noise of variance s^2 gives 6 s^2), and the flow agrees with a true step

@@ -21,22 +21,44 @@ def _advance(opt, loss, x, s, steps):
     return x, s
 
 
-def test_constant_trajectory_falls_back_with_empty_model():
+def test_constant_trajectory_is_modelled_exactly_as_standing_still():
     # Started at the minimum, gradient descent does not move: every target is zero,
-    # STLSQ keeps no term, and the cycle must fall back to true steps.
+    # STLSQ keeps no term, and that empty model is the exact one (the zero flow): the
+    # surrogate steps stand still without a gradient, and no guard fires.
     problem = quadratic(n=3)
     K, M = 5, 12
-    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=K, retrain_interval=M, dt=problem.lr)
+    opt = lgfjax.lgf(optax.sgd(problem.lr), dt=problem.lr, schedule=lgfjax.Fixed(K, M))
     x0 = jnp.zeros(3)
     x, s = _advance(opt, problem.loss, x0, opt.init(x0), K + 1)
     # Exact, not rounding: at x = 0 the gradient d * 0 is exactly zero, so every iterate
     # and target is exactly zero and STLSQ's coefficients are exact zeros.
-    assert int(s.info.status) == lgfjax.Status.EMPTY_MODEL
-    assert int(s.phase) == 0 and bool(lgfjax.needs_gradient(s))
+    assert int(s.info.status) == lgfjax.Status.OK
+    assert int(s.phase) == 1 and not bool(lgfjax.needs_gradient(s))
     np.testing.assert_array_equal(x, x0)
     x, s = _advance(opt, problem.loss, x, s, M - K - 1)
-    # K true steps, one refused surrogate step, then true steps to the cycle's end
-    # (an exact count: the schedule is fixed and the one guard that fires is certain).
+    # K true steps, then M - K surrogate steps of exactly zero (an exact count: the
+    # schedule is fixed and no guard can fire).
+    assert int(lgfjax.gradient_evaluations(s)) == K
+    assert int(s.info.fallbacks) == 0 and int(s.schedule.cycle_step) == 0
+    np.testing.assert_array_equal(x, x0)
+
+
+def test_thresholded_away_model_falls_back():
+    # Targets that are not zero but whose every term falls below an absolute threshold
+    # leave an empty model: the cycle falls back to true steps and says why.
+    problem = quadratic(n=3)
+    K, M = 5, 12
+    opt = lgfjax.lgf(
+        optax.sgd(problem.lr),
+        dt=problem.lr,
+        schedule=lgfjax.Fixed(K, M),
+        fit=lgfjax.Fit(threshold=1e6, relative_threshold=False),
+    )
+    x, s = _advance(opt, problem.loss, problem.x0, opt.init(problem.x0), K + 1)
+    assert int(s.info.status) == lgfjax.Status.EMPTY_MODEL
+    assert int(s.phase) == 0 and bool(lgfjax.needs_gradient(s))
+    x, s = _advance(opt, problem.loss, x, s, M - K - 1)
+    # K true steps, one refused surrogate step, then true steps to the cycle's end.
     assert int(lgfjax.gradient_evaluations(s)) == M - 1
     assert int(s.info.fallbacks) == 1 and int(s.schedule.cycle_step) == 0 and int(s.phase) == 0
     assert lgfjax.status_message(s.info.status) == "every library term was thresholded away"
