@@ -30,17 +30,30 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 import lgfjax  # noqa: E402
 
 CONFIGS = {
-    "full": lambda: lgfjax.lgf(optax.sgd(0.04), history_size=8, retrain_interval=20, dt=0.04),
+    "full": lambda: lgfjax.lgf(
+        optax.sgd(0.04), dt=0.04, schedule=lgfjax.Fixed(history_size=8, retrain_interval=20)
+    ),
     "rank_deg2": lambda: lgfjax.lgf(
-        optax.sgd(0.04), history_size=8, retrain_interval=20, dt=0.04, rank=4, poly_order=2
+        optax.sgd(0.04),
+        dt=0.04,
+        schedule=lgfjax.Fixed(history_size=8, retrain_interval=20),
+        fit=lgfjax.Fit(rank=4, poly_order=2),
     ),
     "center": lambda: lgfjax.lgf(
-        optax.sgd(0.04), history_size=8, retrain_interval=20, dt=0.04, rank=4, center=True
+        optax.sgd(0.04),
+        dt=0.04,
+        schedule=lgfjax.Fixed(history_size=8, retrain_interval=20),
+        fit=lgfjax.Fit(rank=4, center=True),
     ),
     "check_every": lambda: lgfjax.lgf(
-        optax.sgd(0.04), history_size=8, retrain_interval=20, dt=0.04, rank=4, check_every=4
+        optax.sgd(0.04),
+        dt=0.04,
+        schedule=lgfjax.Fixed(history_size=8, retrain_interval=20, check_every=4),
+        fit=lgfjax.Fit(rank=4),
     ),
-    "adam": lambda: lgfjax.lgf_adam(0.05, history_size=8, retrain_interval=20, rank=4),
+    "adam": lambda: lgfjax.lgf_adam(
+        0.05, schedule=lgfjax.Fixed(history_size=8, retrain_interval=20), fit=lgfjax.Fit(rank=4)
+    ),
 }
 
 

@@ -64,7 +64,10 @@ def problem():
 
 def make_opt():
     return lgfjax.lgf(
-        optax.sgd(0.04), history_size=8, retrain_interval=20, dt=0.04, rank=4, poly_order=2
+        optax.sgd(0.04),
+        dt=0.04,
+        schedule=lgfjax.Fixed(history_size=8, retrain_interval=20),
+        fit=lgfjax.Fit(rank=4, poly_order=2),
     )
 
 

@@ -88,7 +88,7 @@ LR, K8, M24 = 0.05, 8, 24
 @functools.cache
 def _rotated_run():
     """Default lgf_adam on the rotated quadratic: one cycle and three true steps more."""
-    opt = lgf_adam(LR, history_size=K8, retrain_interval=M24)
+    opt = lgf_adam(LR, schedule=lgfjax.Fixed(history_size=K8, retrain_interval=M24))
     return _run_lgf(opt, ROT_LOSS, jnp.zeros(4), M24 + 3, keep=(K8, K8 + 1, M24))
 
 
@@ -157,7 +157,9 @@ def test_gradient_model_in_pod_coordinates():
     c = jnp.zeros(6).at[:3].set(c3)
     loss = lambda x: 0.5 * (x - c) @ h @ (x - c)
     K = 8
-    opt = lgf_adam(0.1, history_size=K, retrain_interval=20, rank=3)
+    opt = lgf_adam(
+        0.1, schedule=lgfjax.Fixed(history_size=K, retrain_interval=20), fit=lgfjax.Fit(rank=3)
+    )
     _, s = _run_lgf(opt, loss, jnp.zeros(6), K + 1)
     u = s.model.basis.T  # (n, r)
     np.testing.assert_allclose(u.T @ u, jnp.eye(3), atol=1e-10)
@@ -201,7 +203,12 @@ def _adam_ode_reference(duration):
 def test_surrogate_phase_solves_the_adam_ode_and_tracks_adam(rank):
     # Four RK4 substeps per surrogate step: global error ~1e-8 here (one substep
     # gives ~2e-6, and the error falls 16x per halving: fourth order).
-    opt = lgf_adam(LR, history_size=K8, retrain_interval=M24, rank=rank, substeps=4)
+    opt = lgf_adam(
+        LR,
+        schedule=lgfjax.Fixed(history_size=K8, retrain_interval=M24),
+        fit=lgfjax.Fit(rank=rank),
+        integrator=lgfjax.Integrator(substeps=4),
+    )
     p, s = _run_lgf(opt, ROT_LOSS, jnp.zeros(4), M24)
     assert int(lgfjax.diagnostics(s).accepted) == M24 - K8 and int(s.info.fallbacks) == 0
     p_k, (a, m, v) = _adam_ode_reference((M24 - K8) * LR)
@@ -253,7 +260,9 @@ def test_evaluation_count_and_skipping():
 
     K, M, cycles = 12, 20, 3
     traces = []
-    opt = lgf_adam(0.05, history_size=K, retrain_interval=M, rank=3)
+    opt = lgf_adam(
+        0.05, schedule=lgfjax.Fixed(history_size=K, retrain_interval=M), fit=lgfjax.Fit(rank=3)
+    )
     grad_fn = lgfjax.value_and_grad(loss)
 
     @jax.jit
@@ -290,7 +299,9 @@ def test_evaluation_count_and_skipping():
 def test_pytree_exact_true_phase_and_progress(dtype, rank):
     prob = pytree_quadratic(dtype)
     K, M = 12, 30
-    opt = lgf_adam(0.05, history_size=K, retrain_interval=M, rank=rank)
+    opt = lgf_adam(
+        0.05, schedule=lgfjax.Fixed(history_size=K, retrain_interval=M), fit=lgfjax.Fit(rank=rank)
+    )
     p, s, kept = _run_lgf(opt, prob.loss, prob.x0, 3 * M, keep=(K,))
     # The first K steps are optax.adam's.
     p_k, (s_k, _) = _run_optax(optax.adam(0.05), prob.loss, prob.x0, K)
@@ -319,7 +330,7 @@ def test_pytree_exact_true_phase_and_progress(dtype, rank):
 
 @pytest.mark.slow
 def test_amsgrad_surrogate_keeps_running_max():
-    opt = lgf_adam(LR, history_size=K8, retrain_interval=M24, amsgrad=True)
+    opt = lgf_adam(LR, amsgrad=True, schedule=lgfjax.Fixed(history_size=K8, retrain_interval=M24))
     p, s, kept = _run_lgf(opt, ROT_LOSS, jnp.zeros(4), M24, keep=(K8,))
     p_k, s_k = kept[K8]
     p_ref, (s_ref, _) = _run_optax(optax.amsgrad(LR), ROT_LOSS, jnp.zeros(4), K8)
@@ -336,7 +347,7 @@ def test_amsgrad_surrogate_keeps_running_max():
 def test_value_check_rollback_restores_the_moments():
     # A value_fn that always rises as the loss falls rejects the first surrogate step;
     # the rollback must restore the Adam moments, so the run equals M - 1 Adam steps.
-    opt = lgf_adam(LR, history_size=K8, retrain_interval=M24, check_every=1)
+    opt = lgf_adam(LR, schedule=lgfjax.Fixed(history_size=K8, retrain_interval=M24, check_every=1))
     p, s = _run_lgf(opt, ROT_LOSS, jnp.zeros(4), M24, value_fn=lambda x: -ROT_LOSS(x))
     p_ref, (s_ref, _) = _run_optax(optax.adam(LR), ROT_LOSS, jnp.zeros(4), M24 - 1)
     np.testing.assert_allclose(p, p_ref, rtol=1e-13)
@@ -347,25 +358,29 @@ def test_value_check_rollback_restores_the_moments():
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
+    "build, name",
     [
-        ({"learning_rate": 0.0}, "learning_rate"),
-        ({"b1": 1.0}, "b1"),
-        ({"b1": -0.1}, "b1"),
-        ({"b2": 1.0}, "b2"),
-        ({"eps": -1e-8}, "eps"),
-        ({"history_size": 1}, "history_size"),
-        ({"retrain_interval": 5}, "retrain_interval"),
-        ({"rank": 11}, "rank"),
-        ({"dt": -1.0}, "dt"),
-        ({"amsgrad": 1}, "amsgrad"),
-        ({"max_surrogate_steps": 0, "adaptive": True}, "max_surrogate_steps"),
+        (lambda: lgf_adam(0.0), "learning_rate"),
+        (lambda: lgf_adam(0.1, b1=1.0), "b1"),
+        (lambda: lgf_adam(0.1, b1=-0.1), "b1"),
+        (lambda: lgf_adam(0.1, b2=1.0), "b2"),
+        (lambda: lgf_adam(0.1, eps=-1e-8), "eps"),
+        (lambda: lgf_adam(0.1, schedule=lgfjax.Fixed(1, 20)), "history_size"),
+        (lambda: lgf_adam(0.1, schedule=lgfjax.Fixed(10, 5)), "retrain_interval"),
+        (lambda: lgf_adam(0.1, schedule=lgfjax.Fixed(10, 20), fit=lgfjax.Fit(rank=11)), "rank"),
+        (lambda: lgf_adam(0.1, dt=-1.0), "dt"),
+        (lambda: lgf_adam(0.1, amsgrad=1), "amsgrad"),
+        (
+            lambda: lgf_adam(
+                0.1, schedule=lgfjax.Fixed(10, 20, adaptive=True, max_surrogate_steps=0)
+            ),
+            "max_surrogate_steps",
+        ),
     ],
 )
-def test_argument_checks(kwargs, name):
-    args = {"learning_rate": 0.1, "history_size": 10, "retrain_interval": 20, **kwargs}
+def test_argument_checks(build, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
-        lgf_adam(**args)
+        build()
 
 
 @pytest.mark.numerics

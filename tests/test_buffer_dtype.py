@@ -19,10 +19,8 @@ STEPS = 72  # three cycles of K = 8 true and 16 surrogate steps
 
 def make(kind, buffer_dtype, rank):
     common = dict(
-        history_size=8,
-        retrain_interval=24,
-        rank=rank,
-        center=rank is not None,
+        schedule=lgfjax.Fixed(history_size=8, retrain_interval=24),
+        fit=lgfjax.Fit(rank=rank, center=rank is not None),
         buffer_dtype=buffer_dtype,
     )
     if kind == "lgf":

@@ -32,10 +32,10 @@ SCRIPT = textwrap.dedent(
     kind, steps, load, save = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     at, checkpoint = (int(sys.argv[5]), sys.argv[6]) if len(sys.argv) > 6 else (None, None)
     if kind == "lgf":
-        opt = lgfjax.lgf(optax.sgd(0.05), history_size=6, retrain_interval=15, dt=0.05, rank=2,
-                         check_every=3)
+        opt = lgfjax.lgf(optax.sgd(0.05), dt=0.05, schedule=lgfjax.Fixed(6, 15, check_every=3),
+                         fit=lgfjax.Fit(rank=2))
     else:
-        opt = lgf_adam(0.05, history_size=6, retrain_interval=15, rank=2)
+        opt = lgf_adam(0.05, schedule=lgfjax.Fixed(6, 15), fit=lgfjax.Fit(rank=2))
 
     def loss(p):
         return jnp.sum(jnp.array([1.0, 3.0, 0.5]) * p["w"] ** 2) + jnp.sum((p["b"] - 1.0) ** 2)
@@ -106,9 +106,18 @@ def test_restore_in_fresh_process_is_bitwise_identical(tmp_path, kind):
 @pytest.mark.parametrize("make", ["lgf", "lgf_adam"])
 def test_state_structure_shapes_and_dtypes_are_stable_across_phases(rank, make):
     if make == "lgf":
-        opt = lgfjax.lgf(optax.sgd(0.1), history_size=4, retrain_interval=9, dt=0.1, rank=rank)
+        opt = lgfjax.lgf(
+            optax.sgd(0.1),
+            dt=0.1,
+            schedule=lgfjax.Fixed(history_size=4, retrain_interval=9),
+            fit=lgfjax.Fit(rank=rank),
+        )
     else:
-        opt = lgf_adam(0.1, history_size=4, retrain_interval=9, rank=rank)
+        opt = lgf_adam(
+            0.1,
+            schedule=lgfjax.Fixed(history_size=4, retrain_interval=9),
+            fit=lgfjax.Fit(rank=rank),
+        )
     params = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones((2,), jnp.float64)}
     state = opt.init(params)
 

@@ -33,8 +33,10 @@ def _fit_tolerance(state, scale):
 
 def make(kind, **kw):
     if kind == "lgf":
-        return lgfjax.lgf(optax.sgd(0.1), history_size=K, retrain_interval=M, dt=0.1, **kw)
-    return lgf_adam(0.1, history_size=K, retrain_interval=M, **kw)
+        return lgfjax.lgf(
+            optax.sgd(0.1), dt=0.1, **kw, schedule=lgfjax.Fixed(history_size=K, retrain_interval=M)
+        )
+    return lgf_adam(0.1, **kw, schedule=lgfjax.Fixed(history_size=K, retrain_interval=M))
 
 
 KINDS = ["lgf", "lgf_adam"]
@@ -92,7 +94,7 @@ def test_numbers_are_checked_at_construction():
     with pytest.raises(ValueError, match="`dt` must be a real number, got '0.1'"):
         lgfjax.lgf(optax.sgd(0.1), dt="0.1")
     with pytest.raises(ValueError, match="`threshold` must be a real number"):
-        lgfjax.lgf_adam(1e-2, threshold=None)
+        lgfjax.lgf_adam(1e-2, fit=lgfjax.Fit(threshold=None))
 
 
 @pytest.mark.numerics
@@ -211,7 +213,7 @@ def test_state_survives_randomly_taken_cond(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_recompilation_on_later_updates(kind):
-    opt = make(kind, rank=2)
+    opt = make(kind, fit=lgfjax.Fit(rank=2))
     problem = quadratic(n=3)
     step = jax.jit(functools.partial(opt.update))
     x, s = problem.x0, opt.init(problem.x0)
@@ -258,7 +260,9 @@ def test_vmap_over_independent_runs(kind):
     [
         lambda: lgfjax.lgf(optax.sgd(0.1), dt=0.1),
         lambda: lgfjax.lgf_adam(1e-2),
-        lambda: lgfjax.lgf(optax.sgd(0.1), dt=0.1, history_size=4, retrain_interval=8),
+        lambda: lgfjax.lgf(
+            optax.sgd(0.1), dt=0.1, schedule=lgfjax.Fixed(history_size=4, retrain_interval=8)
+        ),
     ],
     ids=["lgf", "lgf_adam", "lgf fixed"],
 )
@@ -282,7 +286,7 @@ def test_compiled_step_has_no_host_callback(make):
 def test_eager_update_warns_about_ungated_gradients():
     # Without a jit of the user's own, `update` sees the new state on the host and
     # warns when a surrogate step was handed a non-zero gradient.
-    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1, history_size=4)
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1, schedule=lgfjax.Verified(history_size=4))
     loss = lambda x: jnp.sum(x**2)  # noqa: E731
     x, s = jnp.ones(2), opt.init(jnp.ones(2))
     for _ in range(50):  # true steps until the first surrogate step is due

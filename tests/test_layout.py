@@ -30,11 +30,14 @@ def _optimisers(lr):
     return {
         "lgf": lambda: lgfjax.lgf(optax.sgd(lr), dt=lr),
         "lgf fixed": lambda: lgfjax.lgf(
-            optax.sgd(lr), dt=lr, history_size=6, retrain_interval=15, rank=3
+            optax.sgd(lr),
+            dt=lr,
+            schedule=lgfjax.Fixed(history_size=6, retrain_interval=15),
+            fit=lgfjax.Fit(rank=3),
         ),
         "lgf_adam": lambda: lgfjax.lgf_adam(0.05),
         "lgf_adam fixed": lambda: lgfjax.lgf_adam(
-            0.05, history_size=6, retrain_interval=15, rank=3
+            0.05, schedule=lgfjax.Fixed(history_size=6, retrain_interval=15), fit=lgfjax.Fit(rank=3)
         ),
     }
 
@@ -57,7 +60,7 @@ def test_a_users_base_keeps_its_own_pytree_state():
     # layout only ravels and unravels around it).
     problem = pytree_quadratic()
     K = 6
-    opt = lgfjax.lgf(optax.adam(0.05), dt=0.05, history_size=K)
+    opt = lgfjax.lgf(optax.adam(0.05), dt=0.05, schedule=lgfjax.Verified(history_size=K))
     ref = optax.adam(0.05)
     p, s = problem.x0, opt.init(problem.x0)
     q, r = problem.x0, ref.init(problem.x0)
@@ -112,10 +115,8 @@ def test_value_fn_sees_the_users_pytree():
     opt = lgfjax.lgf(
         optax.sgd(problem.lr),
         dt=problem.lr,
-        history_size=6,
-        retrain_interval=15,
-        rank=3,
-        check_every=1,
+        schedule=lgfjax.Fixed(history_size=6, retrain_interval=15, check_every=1),
+        fit=lgfjax.Fit(rank=3),
     )
     params, state, losses = run(opt, problem, 30, value_fn=True)
     assert int(state.info.value_evaluations) > 0

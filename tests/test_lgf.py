@@ -34,7 +34,10 @@ def test_cycle_schedule_counts_true_evaluations(K, M, rank):
     counter = [0]
     loss = _counting_loss(problem.loss, counter)
     opt = lgfjax.lgf(
-        optax.sgd(problem.lr), history_size=K, retrain_interval=M, dt=problem.lr, rank=rank
+        optax.sgd(problem.lr),
+        dt=problem.lr,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=M),
+        fit=lgfjax.Fit(rank=rank),
     )
     grad_fn = lgfjax.value_and_grad(loss)
 
@@ -66,7 +69,12 @@ def test_true_steps_equal_base(base):
     # on true steps (a shadow copy of the base, fed the same inputs, stays equal).
     problem = rotated_quadratic(n=4, condition=10.0)
     K, M = 6, 10
-    opt = lgfjax.lgf(base, history_size=K, retrain_interval=M, dt=0.05, max_step_ratio=None)
+    opt = lgfjax.lgf(
+        base,
+        dt=0.05,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=M),
+        integrator=lgfjax.Integrator(max_step_ratio=None),
+    )
     grad = jax.grad(problem.loss)
     x, s = problem.x0, opt.init(problem.x0)
     shadow = base.init(problem.x0)
@@ -93,7 +101,7 @@ def test_first_cycle_identical_to_base_and_buffer_records_iterates():
     problem = quadratic(n=3, condition=4.0)
     K, M = 5, 9
     base = optax.sgd(problem.lr)
-    opt = lgfjax.lgf(base, history_size=K, retrain_interval=M, dt=problem.lr)
+    opt = lgfjax.lgf(base, dt=problem.lr, schedule=lgfjax.Fixed(history_size=K, retrain_interval=M))
     x, s = problem.x0, opt.init(problem.x0)
     update = jax.jit(opt.update)
     xs = [x]
@@ -127,12 +135,9 @@ def test_learned_gradient_descent_flow_on_quadratic(fd_order):
     lr, K, M = 0.5 / 4.0, 12, 40
     opt = lgfjax.lgf(
         optax.sgd(lr),
-        history_size=K,
-        retrain_interval=M,
         dt=lr,
-        include_bias=False,
-        fd_order=fd_order,
-        threshold=1e-10,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=M, fd_order=fd_order),
+        fit=lgfjax.Fit(include_bias=False, threshold=1e-10),
     )
     params, state, _ = run(opt, problem, M)
     d = jnp.diag(jax.hessian(problem.loss)(problem.x0))
@@ -158,12 +163,9 @@ def test_forward_difference_recovers_discrete_map_exactly():
     lr, K = problem.lr, 8
     opt = lgfjax.lgf(
         optax.sgd(lr),
-        history_size=K,
-        retrain_interval=K + 2,
         dt=lr,
-        fd_order=1,
-        threshold=0.0,
-        alpha=0.0,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=K + 2, fd_order=1),
+        fit=lgfjax.Fit(threshold=0.0, alpha=0.0),
     )
     _, state, _ = run(opt, problem, K + 1)
     h = jax.hessian(problem.loss)(problem.x0)
@@ -179,7 +181,10 @@ def test_reduced_step_equals_full_space_integration_of_projected_field(degree):
     problem = rotated_quadratic(n=6, condition=10.0, seed=2)
     lr, K, rank = problem.lr, 10, 3
     opt = lgfjax.lgf(
-        optax.sgd(lr), history_size=K, retrain_interval=K + 5, dt=lr, rank=rank, poly_order=degree
+        optax.sgd(lr),
+        dt=lr,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=K + 5),
+        fit=lgfjax.Fit(rank=rank, poly_order=degree),
     )
     x, s = problem.x0, opt.init(problem.x0)
     update = jax.jit(opt.update)
@@ -212,7 +217,10 @@ def test_reduced_step_equals_full_space_integration_of_projected_field(degree):
 def test_no_retracing_over_cycles():
     problem = quadratic(n=3)
     opt = lgfjax.lgf(
-        optax.sgd(problem.lr), history_size=4, retrain_interval=7, dt=problem.lr, rank=2
+        optax.sgd(problem.lr),
+        dt=problem.lr,
+        schedule=lgfjax.Fixed(history_size=4, retrain_interval=7),
+        fit=lgfjax.Fit(rank=2),
     )
     traces = [0]
     grad_fn = lgfjax.value_and_grad(problem.loss)
@@ -233,7 +241,11 @@ def test_no_retracing_over_cycles():
 @pytest.mark.parametrize("position", ["first", "last"])
 def test_inside_optax_chain(position):
     problem = quadratic(n=3)
-    lgf = lgfjax.lgf(optax.sgd(problem.lr), history_size=5, retrain_interval=10, dt=problem.lr)
+    lgf = lgfjax.lgf(
+        optax.sgd(problem.lr),
+        dt=problem.lr,
+        schedule=lgfjax.Fixed(history_size=5, retrain_interval=10),
+    )
     opt = (
         optax.chain(lgf, optax.scale(1.0))
         if position == "first"
@@ -251,7 +263,10 @@ def test_inside_optax_chain(position):
 def test_pytree_params_keep_structure_and_dtypes(rank, dtype):
     problem = pytree_quadratic(dtype)
     opt = lgfjax.lgf(
-        optax.sgd(problem.lr), history_size=6, retrain_interval=15, dt=problem.lr, rank=rank
+        optax.sgd(problem.lr),
+        dt=problem.lr,
+        schedule=lgfjax.Fixed(history_size=6, retrain_interval=15),
+        fit=lgfjax.Fit(rank=rank),
     )
     params, state, losses = run(opt, problem, 30)
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(problem.x0)
@@ -268,8 +283,9 @@ def test_pytree_params_keep_structure_and_dtypes(rank, dtype):
 def test_float32_matches_float64(derivative):
     p64 = rotated_quadratic(n=4, condition=10.0)
     x0_32 = p64.x0.astype(jnp.float32)
-    kw = dict(history_size=10, retrain_interval=25, dt=p64.lr, derivative=derivative)
-    opt = lgfjax.lgf(optax.sgd(p64.lr), **kw)
+    opt = lgfjax.lgf(
+        optax.sgd(p64.lr), dt=p64.lr, schedule=lgfjax.Fixed(10, 25, derivative=derivative)
+    )
     x64, s64, _ = run(opt, p64, 50)
     p32 = p64._replace(x0=x0_32, loss=lambda x: p64.loss(x.astype(jnp.float64)).astype(jnp.float32))
     x32, s32, _ = run(opt, p32, 50)
@@ -294,11 +310,9 @@ def test_weak_form_learns_quadratic_flow():
     lr, K, M = problem.lr, 20, 60
     opt = lgfjax.lgf(
         optax.sgd(lr),
-        history_size=K,
-        retrain_interval=M,
         dt=lr,
-        derivative="weak",
-        include_bias=False,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=M, derivative="weak"),
+        fit=lgfjax.Fit(include_bias=False),
     )
     params, state, _ = run(opt, problem, M)
     gd = problem.x0
@@ -321,7 +335,10 @@ def test_centred_pod_resolves_small_moves_in_float32():
     results = {}
     for center in (False, True):
         opt = lgfjax.lgf(
-            optax.sgd(0.1), history_size=10, retrain_interval=30, dt=0.1, rank=3, center=center
+            optax.sgd(0.1),
+            dt=0.1,
+            schedule=lgfjax.Fixed(history_size=10, retrain_interval=30),
+            fit=lgfjax.Fit(rank=3, center=center),
         )
         params, state, losses = run(opt, problem, 60)
         results[center] = (losses[-1], int(state.info.active_terms))

@@ -169,7 +169,9 @@ def _solution():
 @pytest.mark.numerics
 def test_not_evaluated_in_surrogate_steps():
     calls = []
-    opt = lgfjax.lgf(newton(0.2), history_size=6, retrain_interval=10, dt=0.2)
+    opt = lgfjax.lgf(
+        newton(0.2), dt=0.2, schedule=lgfjax.Fixed(history_size=6, retrain_interval=10)
+    )
     _, state, _ = _run(opt, 20, calls)
     evals = int(lgfjax.gradient_evaluations(state))
     # Exact: two cycles of 6 true steps, and no guard can fire. In 20 damped steps from 0
@@ -183,7 +185,7 @@ def test_not_evaluated_in_surrogate_steps():
 
 
 def test_skipped_direction_is_nan_and_zeros():
-    opt = lgfjax.lgf(newton(0.2), history_size=3, retrain_interval=6, dt=0.2)
+    opt = lgfjax.lgf(newton(0.2), dt=0.2, schedule=lgfjax.Fixed(history_size=3, retrain_interval=6))
     state = opt.init(jnp.zeros(3))
     state = state._replace(schedule=state.schedule._replace(phase=jnp.ones((), jnp.int32)))
     value, d = value_and_newton_direction(_convex)(jnp.zeros(3), state)
@@ -196,7 +198,12 @@ def test_lgf_newton_reaches_newton_solution_with_fewer_evaluations():
     eta, steps = 0.2, 160
     newton_path, newton_state, _ = _run(newton(eta), steps, [])
     lgf_calls = []
-    opt = lgfjax.lgf(newton(eta), history_size=10, retrain_interval=20, dt=eta, poly_order=2)
+    opt = lgfjax.lgf(
+        newton(eta),
+        dt=eta,
+        schedule=lgfjax.Fixed(history_size=10, retrain_interval=20),
+        fit=lgfjax.Fit(poly_order=2),
+    )
     lgf_path, lgf_state, lgf_evals = _run(opt, steps, lgf_calls)
     assert newton_state.count == steps  # a step counter: exact
     evals = int(lgfjax.gradient_evaluations(lgf_state))

@@ -170,7 +170,7 @@ def test_a_wrong_flow_is_undone_under_noise():
     # start, status LOSS_ROSE, on every seed.
     problem = least_squares()
     lr = problem.lr
-    opt = lgfjax.lgf(optax.sgd(lr), dt=lr, max_step_ratio=None)
+    opt = lgfjax.lgf(optax.sgd(lr), dt=lr, integrator=lgfjax.Integrator(max_step_ratio=None))
     undone = 0
     seeds = range(5)
     for seed in seeds:

@@ -49,11 +49,9 @@ def solve(fn, solver, x0, **kwargs):
 def lgf_solver(problem, K, M, order, **kwargs):
     opt = lgfjax.lgf(
         optax.sgd(problem.lr),
-        history_size=K,
-        retrain_interval=M,
         dt=problem.lr,
-        poly_order=order,
-        **kwargs,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=M, **kwargs),
+        fit=lgfjax.Fit(poly_order=order),
     )
     return LGFMinimiser(opt, rtol=TOL, atol=TOL)
 
@@ -105,7 +103,11 @@ def test_optax_wrapper_evaluates_every_step():
     # Wrapping the optax transformation in OptaxMinimiser saves nothing: fn and its
     # gradient run in every step. LGFMinimiser skips them in surrogate steps.
     problem = quadratic(4, 10.0)
-    opt = lgfjax.lgf(optax.sgd(problem.lr), history_size=10, retrain_interval=60, dt=problem.lr)
+    opt = lgfjax.lgf(
+        optax.sgd(problem.lr),
+        dt=problem.lr,
+        schedule=lgfjax.Fixed(history_size=10, retrain_interval=60),
+    )
     fn = counted(problem.loss)
     wrapped, wrapped_calls = solve(fn, optx.OptaxMinimiser(opt, rtol=TOL, atol=TOL), problem.x0)
     native, native_calls = solve(fn, LGFMinimiser(opt, rtol=TOL, atol=TOL), problem.x0)

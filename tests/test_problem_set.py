@@ -25,7 +25,11 @@ def test_safeguarded_lgf_needs_no_more_gradients_than_gradient_descent(problem, 
     # floor (>= 90x margin) and nothing worse than that.
     target = float(base_losses[-1]) * (1 + 1e-9)
     base_needs = evaluations_to_reach(base_losses, base_evals, target)
-    opt = lgfjax.lgf(base, history_size=20, retrain_interval=60, dt=problem.lr, check_every=10)
+    opt = lgfjax.lgf(
+        base,
+        dt=problem.lr,
+        schedule=lgfjax.Fixed(history_size=20, retrain_interval=60, check_every=10),
+    )
     _, state, losses, evals = trace(opt, problem, 3 * steps, value_fn=True)
     assert np.all(np.isfinite(losses))
     needs = evaluations_to_reach(losses, evals, target)

@@ -68,7 +68,10 @@ def _state_before_fit(rank=None):
     problem = quadratic(n=4)
     K = 6
     opt = lgfjax.lgf(
-        optax.sgd(problem.lr), history_size=K, retrain_interval=20, dt=problem.lr, rank=rank
+        optax.sgd(problem.lr),
+        dt=problem.lr,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=20),
+        fit=lgfjax.Fit(rank=rank),
     )
     x, s = _advance(opt, problem.loss, problem.x0, opt.init(problem.x0), K)
     return opt, problem, x, s
@@ -116,10 +119,9 @@ def test_step_bound_none_disables_trust_region():
     K = 6
     opt = lgfjax.lgf(
         optax.sgd(problem.lr),
-        history_size=K,
-        retrain_interval=20,
         dt=problem.lr,
-        max_step_ratio=None,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=20),
+        integrator=lgfjax.Integrator(max_step_ratio=None),
     )
     x, s = _advance(opt, problem.loss, problem.x0, opt.init(problem.x0), K + 1)
     assert float(s.model.step_bound) == np.inf
@@ -137,12 +139,10 @@ def test_value_checks_roll_back_a_poor_flow():
     K, M = 10, 60
     opt = lgfjax.lgf(
         optax.sgd(problem.lr),
-        history_size=K,
-        retrain_interval=M,
         dt=problem.lr,
-        check_every=5,
-        max_step_ratio=None,
-        include_bias=False,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=M, check_every=5),
+        fit=lgfjax.Fit(include_bias=False),
+        integrator=lgfjax.Integrator(max_step_ratio=None),
     )
     params, state, losses = run(opt, problem, 4 * M, value_fn=True)
     assert bool(jnp.all(jnp.isfinite(params)))
@@ -162,7 +162,9 @@ def test_value_check_rollback_restores_anchor():
     problem = quadratic(n=3)
     K = 5
     opt = lgfjax.lgf(
-        optax.sgd(problem.lr), history_size=K, retrain_interval=20, dt=problem.lr, check_every=3
+        optax.sgd(problem.lr),
+        dt=problem.lr,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=20, check_every=3),
     )
     x = problem.x0
     s = opt.init(x)
@@ -204,12 +206,10 @@ def test_adaptive_schedule_grows_when_flow_is_good():
     K, M = 8, 16
     opt = lgfjax.lgf(
         optax.sgd(problem.lr),
-        history_size=K,
-        retrain_interval=M,
         dt=problem.lr,
-        adaptive=True,
-        max_surrogate_steps=32,
-        check_every=4,
+        schedule=lgfjax.Fixed(
+            history_size=K, retrain_interval=M, adaptive=True, max_surrogate_steps=32, check_every=4
+        ),
     )
     params, state, _ = run(opt, problem, 150, value_fn=True)
     # No check can fail: the learned flow is GD's own linear decay on a quadratic, so each
@@ -229,13 +229,15 @@ def test_adaptive_schedule_halves_after_fallback_and_doubles_after_success():
     K, M, cap = 10, 30, 80
     opt = lgfjax.lgf(
         optax.sgd(problem.lr),
-        history_size=K,
-        retrain_interval=M,
         dt=problem.lr,
-        adaptive=True,
-        max_surrogate_steps=cap,
-        check_every=5,
-        include_bias=False,
+        schedule=lgfjax.Fixed(
+            history_size=K,
+            retrain_interval=M,
+            adaptive=True,
+            max_surrogate_steps=cap,
+            check_every=5,
+        ),
+        fit=lgfjax.Fit(include_bias=False),
     )
     loss = problem.loss
     grad_fn = lgfjax.value_and_grad(loss)
@@ -298,14 +300,9 @@ def test_random_hyperparameters_never_produce_non_finite_params(
     x0 = perturb(jnp.array([0.9, -0.4]))
     opt = lgfjax.lgf(
         optax.sgd(lr),
-        history_size=K,
-        retrain_interval=K + extra,
         dt=lr,
-        rank=rank,
-        poly_order=poly_order,
-        derivative=derivative,
-        threshold=threshold,
-        alpha=alpha,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=K + extra, derivative=derivative),
+        fit=lgfjax.Fit(rank=rank, poly_order=poly_order, threshold=threshold, alpha=alpha),
     )
     problem = Problem(loss_name, loss, x0, None, lr)
     base_params, _, _ = run(optax.sgd(lr), problem, 2 * (K + extra) + 3, skip=False)

@@ -53,14 +53,23 @@ def _compiled_step(opt, dtype=jnp.float32) -> str:
 
 
 OPTIMISERS = {
-    "lgf-verified": lambda: lgfjax.lgf(optax.sgd(1e-2), dt=1e-2, history_size=K),
-    "lgf-fixed-pod": lambda: lgfjax.lgf(
-        optax.sgd(1e-2), dt=1e-2, history_size=K, retrain_interval=4 * K, rank=4, poly_order=2
+    "lgf-verified": lambda: lgfjax.lgf(
+        optax.sgd(1e-2), dt=1e-2, schedule=lgfjax.Verified(history_size=K)
     ),
-    "lgf-adam-base": lambda: lgfjax.lgf(optax.adam(1e-2), dt=1e-2, history_size=K),
-    "lgf_adam": lambda: lgfjax.lgf_adam(1e-2, history_size=K),
+    "lgf-fixed-pod": lambda: lgfjax.lgf(
+        optax.sgd(1e-2),
+        dt=1e-2,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=4 * K),
+        fit=lgfjax.Fit(rank=4, poly_order=2),
+    ),
+    "lgf-adam-base": lambda: lgfjax.lgf(
+        optax.adam(1e-2), dt=1e-2, schedule=lgfjax.Verified(history_size=K)
+    ),
+    "lgf_adam": lambda: lgfjax.lgf_adam(1e-2, schedule=lgfjax.Verified(history_size=K)),
     "lgf_adam-fixed-pod": lambda: lgfjax.lgf_adam(
-        1e-2, history_size=K, retrain_interval=4 * K, rank=4, poly_order=2
+        1e-2,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=4 * K),
+        fit=lgfjax.Fit(rank=4, poly_order=2),
     ),
 }
 

@@ -44,8 +44,8 @@ params = {"w1": jax.random.normal(k1, (1, 64)), "w2": jax.random.normal(k2, (64,
 params = jax.device_put(params, NamedSharding(mesh, P()))
 xs = jnp.linspace(-1.0, 1.0, 128)[:, None]
 loss = lambda p: jnp.mean((jnp.tanh(xs @ p["w1"]) @ p["w2"] - jnp.sin(3 * xs)) ** 2)
-opt = lgfjax.lgf(optax.sgd(0.05), history_size=20, retrain_interval=40, dt=0.05,
-                 rank=8, poly_order=2)
+opt = lgfjax.lgf(optax.sgd(0.05), dt=0.05, schedule=lgfjax.Fixed(20, 40),
+                 fit=lgfjax.Fit(rank=8, poly_order=2))
 state = opt.init(params)
 @jax.jit
 def step(p, s):

@@ -92,11 +92,9 @@ def test_converging_run_keeps_its_surrogate_phases(threshold):
     def make(relative):
         return lgfjax.lgf(
             optax.sgd(problem.lr),
-            history_size=10,
-            retrain_interval=40,
             dt=problem.lr,
-            threshold=threshold,
-            relative_threshold=relative,
+            schedule=lgfjax.Fixed(history_size=10, retrain_interval=40),
+            fit=lgfjax.Fit(threshold=threshold, relative_threshold=relative),
         )
 
     _, absolute, abs_losses = run(make(False), problem, 400)

@@ -7,6 +7,9 @@ import pytest
 
 import lgfjax
 
+# The flat keywords of 0.1 (deprecated): their errors still name what the caller wrote.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 BASE = dict(history_size=10, retrain_interval=20, dt=0.1)
 
 

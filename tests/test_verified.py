@@ -68,7 +68,11 @@ def test_confirmed_flow_outruns_the_base(max_horizon):
     # later confirmed phase doubles the horizon up to `max_horizon` dt per step.
     d = jnp.array([0.01, 0.04])
     loss = lambda x: 0.5 * jnp.sum(d * x**2)  # noqa: E731
-    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1, max_horizon=max_horizon, max_surrogate_steps=40)
+    opt = lgfjax.lgf(
+        optax.sgd(0.1),
+        dt=0.1,
+        schedule=lgfjax.Verified(max_horizon=max_horizon, max_surrogate_steps=40),
+    )
     x0 = perturb(jnp.ones(2))
     p, s = run(opt, loss, x0, 600)
     assert int(s.info.verified) == int(s.info.verifications) >= 5
@@ -92,9 +96,9 @@ def test_confirmed_flow_outruns_the_base(max_horizon):
 
 def test_max_horizon_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="max_horizon"):
-        lgfjax.lgf(optax.sgd(0.1), dt=0.1, max_horizon=3)
+        lgfjax.lgf(optax.sgd(0.1), dt=0.1, schedule=lgfjax.Verified(max_horizon=3))
     with pytest.raises(ValueError, match="max_horizon"):
-        lgfjax.lgf_adam(0.1, max_horizon=0)
+        lgfjax.lgf_adam(0.1, schedule=lgfjax.Verified(max_horizon=0))
 
 
 @pytest.mark.parametrize("use_value", [True, False], ids=["value", "no_value"])
@@ -124,20 +128,21 @@ def test_argtrigls_lgf_adam_never_worse_than_adam(use_value):
 
 
 def test_schedule_arguments_are_checked():
-    with pytest.raises(ValueError, match="retrain_interval"):
-        lgfjax.lgf(optax.sgd(0.1), dt=0.1, schedule="verified", retrain_interval=30)
+    sgd = optax.sgd(0.1)
     with pytest.raises(ValueError, match="schedule"):
-        lgfjax.lgf(optax.sgd(0.1), dt=0.1, schedule="sometimes")
-    with pytest.raises(ValueError, match="verify_tolerance"):
-        lgfjax.lgf(optax.sgd(0.1), dt=0.1, verify_tolerance=1.5)
+        lgfjax.lgf(sgd, dt=0.1, schedule="sometimes")
+    with pytest.raises(ValueError, match="tolerance"):
+        lgfjax.Verified(tolerance=1.5)
     with pytest.raises(ValueError, match="history_size"):
-        lgfjax.lgf(optax.sgd(0.1), dt=0.1, schedule="fixed")
-    with pytest.raises(ValueError, match="derivative"):
-        lgfjax.lgf(optax.sgd(0.1), dt=0.1, derivative="weak")
-    with pytest.raises(ValueError, match="adaptive"):
-        lgfjax.lgf_adam(0.1, adaptive=True)
-    with pytest.raises(ValueError, match="check_every"):
-        lgfjax.lgf_adam(0.1, check_every=2)
+        lgfjax.lgf(sgd, dt=0.1, schedule="fixed")  # the old string needs K and M
+    with pytest.raises(ValueError, match="retrain_interval"):
+        lgfjax.Fixed(10, 5)
+    with pytest.raises(ValueError, match="max_horizon"):
+        lgfjax.Verified(max_horizon=3)
+    # The fixed schedule's options do not reach the verified one (old flat keywords).
+    for name, value in (("derivative", "weak"), ("adaptive", True), ("check_every", 2)):
+        with pytest.raises(ValueError, match=name):
+            lgfjax.lgf_adam(0.1, **{name: value})
 
 
 def test_defaults_and_center_choice():
@@ -146,15 +151,15 @@ def test_defaults_and_center_choice():
     # Default: K = 10, a centred POD of rank K // 2 = 5.
     assert s.model.coefficients.shape == (6, 5) and s.model.origin is not None
     assert s.buffers.points.shape == (10, 40)
-    s = lgfjax.lgf(optax.sgd(0.1), dt=0.1, rank=3, center=False).init(x)
+    s = lgfjax.lgf(optax.sgd(0.1), dt=0.1, fit=lgfjax.Fit(rank=3, center=False)).init(x)
     assert s.model.coefficients.shape == (4, 3) and s.model.origin is None
     # The uncentred POD path runs too: on a 2-parameter quadratic, rank 2 is exact.
     loss = lambda y: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * y**2)  # noqa: E731
-    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1, rank=2, center=False)
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1, fit=lgfjax.Fit(rank=2, center=False))
     p, st = run(opt, loss, jnp.ones(2), 100)
     assert float(loss(p)) < 1e-6 * float(loss(jnp.ones(2)))
     assert int(lgfjax.gradient_evaluations(st)) < 50
-    s = lgfjax.lgf(optax.sgd(0.1), dt=0.1, rank=None).init(x)
+    s = lgfjax.lgf(optax.sgd(0.1), dt=0.1, fit=lgfjax.Fit(rank=None)).init(x)
     assert s.model.coefficients.shape == (41, 40) and s.model.basis is None
 
 

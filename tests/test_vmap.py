@@ -56,7 +56,10 @@ def train(x0, target, lr):
     amplified that to 1e-5..1e-4 relative; here it stays at rounding.
     """
     opt = lgfjax.lgf(
-        optax.sgd(lr), history_size=K, retrain_interval=M, dt=lr, rank=RANK, poly_order=1
+        optax.sgd(lr),
+        dt=lr,
+        schedule=lgfjax.Fixed(history_size=K, retrain_interval=M),
+        fit=lgfjax.Fit(rank=RANK, poly_order=1),
     )
     grad_fn = lgfjax.value_and_grad(make_loss(target, counted=True))
 
