@@ -6,8 +6,8 @@ when the flow is right. The verified schedule's verdicts take that into account:
 
 - **The loss.** A loss comes with a standard error: the spread of per-sample losses over
   the square root of their number when `value` is a vector of them, else an estimate
-  from the rises between consecutive true steps' losses, counted only where the recorded
-  gradients are noisy too (a deterministic run's own rises are not noise). With a
+  from the rises between consecutive true steps' losses (zero while they only fall, as
+  in a deterministic descent). With a
   `value_fn` bound to the judging step's batch, the phase's start is evaluated on that
   same batch (a paired comparison, as stochastic line searches do); per-sample vectors
   then give the paired difference's standard error. A phase is undone when the loss rose
@@ -134,18 +134,6 @@ def measurement_noise(gram: Float[Array, "K K"], stamps: Int[Array, " K"]):
     noise = jnp.sqrt(mean_d2 / 6) / jnp.sqrt(jnp.where(mean_t2 > 0, mean_t2, 1))
     noise = jnp.where((count > 0) & jnp.isfinite(noise), noise, 0)
     return noise.astype(gram.dtype)
-
-
-def gated_error(noise: LossNoise, measured_noise):
-    """The standard error of a scalar loss: `scalar_error`, where the recorded
-    measurements are noisy too (`measured_noise` above `NOISE_FLOOR`), else zero.
-
-    A deterministic run can rise between true steps by itself (Adam's oscillation, a
-    projected step); read as noise, those rises would leave every later verdict
-    inconclusive, however far the loss falls (Rosenbrock: half the updates true steps
-    at 1e-18 for `lgf_adam`). Its measurements are smooth, so it keeps its strictness.
-    """
-    return jnp.where(measured_noise > NOISE_FLOOR, scalar_error(noise), 0).astype(noise.rise2.dtype)
 
 
 def agreement_tolerance(tolerance, noise):

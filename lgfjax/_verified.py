@@ -67,10 +67,10 @@ from ._noise import (
     LossNoise,
     Z,
     agreement_tolerance,
-    gated_error,
     init_loss_noise,
     mean_and_error,
     measurement_noise,
+    scalar_error,
     track,
     verdict,
 )
@@ -410,9 +410,7 @@ def verified_update(
         cfg,
     )
     err, agree = found.error, found.agree
-    loss, loss_error, noise = observe(
-        value, state.noise, is_true & ~skipped, sch.count, state.model.noise, dtype
-    )
+    loss, loss_error, noise = observe(value, state.noise, is_true & ~skipped, sch.count, dtype)
     # A stay far above the best true loss ends back at the best true point (`_best`).
     go_back, above = watch(state.best, is_true & ~skipped, loss, K)
     # An undefined loss sends the iterate back to the last true iterate (below), which
@@ -500,16 +498,14 @@ def verified_update(
     return optax.tree.cast_like(step, updates), new_state
 
 
-def observe(value, noise: LossNoise, is_true, count, measured_noise, dtype):
+def observe(value, noise: LossNoise, is_true, count, dtype):
     """``(loss, standard error, noise)``: this update's mean loss (inf if unknown), its
-    standard error, and the loss-noise tracker after it (`lgfjax._noise`); a scalar
-    loss has the tracker's error only where the measurements are noisy too
-    (`measured_noise`, see `lgfjax._noise.gated_error`)."""
+    standard error, and the loss-noise tracker after it (`lgfjax._noise`)."""
     if value is None:
         return jnp.asarray(jnp.inf, dtype), jnp.zeros((), dtype), noise
     loss, error = mean_and_error(value, dtype)
     noise = track(noise, is_true, count, loss)
-    error = jnp.where(error > 0, error, gated_error(noise, measured_noise))
+    error = jnp.where(error > 0, error, scalar_error(noise))
     return jnp.where(jnp.isfinite(loss), loss, jnp.inf), error, noise
 
 
@@ -703,7 +699,7 @@ def judge(
         agree = judging & (err <= cfg.verify_tolerance)
         return Verdict(err, agree, judging & ~(err <= 1.0), false, false, calls)
     loss, loss_error = mean_and_error(value, dtype)
-    own = jnp.where(loss_error > 0, loss_error, gated_error(noise, model.noise))
+    own = jnp.where(loss_error > 0, loss_error, scalar_error(noise))
     # The measurements' noise widens the tolerance only where the loss is noisy too: a
     # deterministic descent's rough measurements (projected or clipped steps) are not
     # noise (topology: the default no longer reached its target with it).
