@@ -22,7 +22,6 @@ from ._validate import (
     check_bool,
     check_choice,
     check_nonnegative,
-    check_number,
     check_positive,
     check_positive_int,
     check_static,
@@ -206,7 +205,6 @@ class Integrator(eqx.Module):
             )
         _check_optional_int("max_steps", self.max_steps, self.substeps)
         if self.max_step_ratio not in ("auto", None):
-            check_number("max_step_ratio", self.max_step_ratio)
             check_positive("max_step_ratio", self.max_step_ratio)
 
 
@@ -232,7 +230,6 @@ _MOVED = {
     **{k: ("Fit", k) for k in Fit.__dataclass_fields__},
     **{k: ("Integrator", k) for k in Integrator.__dataclass_fields__},
 }
-_VERIFIED_DEFAULTS = {"verify_tolerance": 0.2, "max_horizon": 8}
 
 
 def _spell(name, fields):
