@@ -4,6 +4,31 @@ import os
 # Small LAPACK calls are far slower with multithreaded OpenBLAS on a busy machine.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# Compile time is most of the suite's time, so the suite compiles for speed:
+# 1. XLA's CPU backend without its fusion emitters (about a third of the compile
+#    time per kernel; the FAQ's compile option). `.ci/perturbed` runs every
+#    `numerics` test again with them (and AVX-only code and moved inputs), so each
+#    result that rests on rounding is checked under both code generators.
+#    XLA_FLAGS that already name the option are left as they are.
+# 2. One persistent compilation cache per session, shared by the xdist workers and
+#    the subprocesses tests start (JAX reads these variables at import): tests that
+#    build the same optimiser on the same problem compile it once. A cached
+#    executable is the one XLA would build again. LGFJAX_TEST_JAX_CACHE=DIR keeps
+#    the cache between sessions (a rerun after a change to the tests only: ~3.5 min).
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_cpu_use_fusion_emitters" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_cpu_use_fusion_emitters=false".strip()
+_CREATED_CACHE = None
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _cache = os.environ.get("LGFJAX_TEST_JAX_CACHE")
+    if not _cache:
+        _cache = _CREATED_CACHE = tempfile.mkdtemp(prefix="lgfjax-jit-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
@@ -31,3 +56,10 @@ def pytest_configure(config):
         problems.PERTURB = True
         # Subprocess scripts (tests/_sharded_run.py, _explicit_run.py) read this.
         os.environ["LGFJAX_TEST_PERTURB"] = "1"
+
+
+def pytest_unconfigure(config):
+    if _CREATED_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_CREATED_CACHE, ignore_errors=True)
