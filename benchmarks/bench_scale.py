@@ -580,9 +580,19 @@ def _update_table(sizes, ks, quick):
     return rows
 
 
+# glibc's malloc serves an allocation above 32 MiB with a fresh mmap, and XLA's CPU
+# runtime allocates an executable's temporaries anew on every call: once they pass
+# 32 MiB (the fit's K x n temporaries do at n = 1e6), every n-sized temporary that a
+# step writes is page-faulted again on every update. `--no-mmap` runs the workers with
+# mmap switched off in malloc, as a caching allocator (jemalloc, tcmalloc, a GPU's
+# BFC allocator) would behave, to show what the step itself costs.
+NO_MMAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+_ENV = dict(os.environ)
+
+
 def _run(args):
     cmd = [sys.executable, __file__, "--worker", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_ENV)
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)
         return None
@@ -626,7 +636,15 @@ def main():
         "--updates-only", action="store_true", help="only the per-update cost table"
     )
     parser.add_argument("--json", help="write the per-update table's rows to this file")
+    parser.add_argument(
+        "--no-mmap",
+        action="store_true",
+        help="workers run with malloc's mmap off (MALLOC_MMAP_MAX_=0): no page faults on "
+        "temporaries, as with a caching allocator (see NO_MMAP_ENV)",
+    )
     args = parser.parse_args()
+    if args.no_mmap:
+        _ENV.update(NO_MMAP_ENV)
 
     if args.worker:
         kind, *rest = args.worker
@@ -645,10 +663,12 @@ def main():
 
     sizes = [1e4, 1e5] if args.quick else args.sizes
     print(f"machine: {_machine()} (shared; timings are noisy, ratios within a run count)")
+    if args.no_mmap:
+        print("workers run with " + " ".join(f"{k}={v}" for k, v in NO_MMAP_ENV.items()))
     rows = _update_table([1e4] if args.quick else args.update_sizes, args.ks, args.quick)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": _machine(), "rows": rows}, f, indent=1)
+            json.dump({"machine": _machine(), "no_mmap": args.no_mmap, "rows": rows}, f, indent=1)
     if args.updates_only:
         return
     print(f"lgf(optax.sgd), K={K}, rank={RANK}, degree={DEGREE}, float32 parameters\n")

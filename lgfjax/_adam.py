@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int
 
+from ._engine import gate_step
 from ._flow import RK4, integrate_span
 from ._lgf import build_engine, fit_options, shared_options
 from ._noise import second_moment_scale
@@ -125,7 +126,7 @@ def adam_surrogate(
     and updated at its end.
     """
 
-    def surrogate_fn(model, params, base_state, dtype, span=1):
+    def surrogate_fn(model, params, base_state, dtype, span=1, gate=None):
         # A scheduled rate is held at its value at the step's start over the step (a
         # surrogate step of `span` > 1 Adam steps included); `dt` then follows it.
         eta = _rate(learning_rate, base_state.count)
@@ -196,7 +197,10 @@ def adam_surrogate(
             nu_max=nu_max,
         )
         updates = optax.tree.cast_like(optax.tree.sub(a1, y0[0]), params)
-        return updates, new_state, ok
+        if gate is None:
+            return updates, new_state, ok
+        updates, code = gate_step(updates, ok, gate)
+        return updates, new_state, code
 
     return surrogate_fn
 

@@ -13,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 from ._flow import PolynomialFlow
 from ._pod import tree_lift, tree_project
 from ._sharding import gathered, placed_like
+from ._status import OK
 
 
 class SurrogateModel(NamedTuple):
@@ -25,6 +26,18 @@ class SurrogateModel(NamedTuple):
     drift: Any = None  # POD only: the measured velocity's part outside the basis, frozen
     out_basis: Any = None  # POD only, optional: the basis the flow's output lives in
     noise: Any = 0.0  # relative noise of the measurements it was fitted to (`_noise`)
+    drift_sq: Any = None  # with `drift`: |drift|^2, NaN unless drift and basis are finite
+
+    def step_length(self, dz, time):
+        """The length of ``lift(dz) + time * drift`` from `r` numbers, or None.
+
+        The POD basis is orthonormal and the drift lies outside it, so the squared
+        length is ``|dz|^2 + time^2 |drift|^2`` (to rounding; a null mode, a zero
+        column, only overestimates it). A non-finite basis or drift makes it NaN.
+        """
+        if self.drift_sq is None or self.out_basis is not None:
+            return None
+        return jnp.sqrt(jnp.sum(dz * dz) + time * time * self.drift_sq)
 
     def project(self, tree, dtype):
         if self.basis is None:
@@ -40,6 +53,13 @@ class SurrogateModel(NamedTuple):
             assert self.unravel is not None  # full space always carries its unravel
             return placed_like(optax.tree.cast_like(self.unravel(dz), like), like)
         return tree_lift(self.basis if self.out_basis is None else self.out_basis, dz, like)
+
+
+def gate_step(step, solver_ok, gate):
+    """``(step, code)``: a surrogate step measured in full and guarded by
+    ``gate(length, solver_ok) -> code``; the step is zero unless the code is `OK`."""
+    code = gate(optax.tree.norm(step), solver_ok)
+    return optax.tree.where(code == OK, step, optax.tree.zeros_like(step)), code
 
 
 def flat_unravel(params) -> Callable:

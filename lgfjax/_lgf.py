@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import optax
 
 from ._derivatives import FD_ORDERS
+from ._engine import gate_step
 from ._fit import FitConfig
 from ._fixed import FixedConfig, make_transformation
 from ._flow import RK4, integrate_span
 from ._options import Fit, Fixed, Integrator, Verified, flat_options, from_keywords
+from ._status import OK
 from ._validate import (
     _concrete,
     check_bool,
@@ -233,13 +235,16 @@ def _lgf(
 def velocity_surrogate(dt, *, solver, substeps, stepsize_controller, max_steps):
     """The surrogate step of a base with a learned velocity: the flow over `dt`.
 
-    ``surrogate_fn(model, params, base_state, dtype, span=1)`` integrates the learned
-    flow over ``span * dt`` (`span` the int 1, or an int32 array) from `params`, in
-    the model's coordinates, and returns ``(step, base_state, ok)``; the base state
-    is not touched (the base only moves in true steps).
+    ``surrogate_fn(model, params, base_state, dtype, span=1, gate=None)`` integrates
+    the learned flow over ``span * dt`` (`span` the int 1, or an int32 array) from
+    `params`, in the model's coordinates, and returns ``(step, base_state, ok)``; the
+    base state is not touched (the base only moves in true steps). With
+    ``gate(length, solver_ok) -> code`` (the verified engine's guards) it returns
+    ``(step, base_state, code)`` with a zero step unless the code is `OK`, the length
+    measured in the subspace where the model allows (`SurrogateModel.step_length`).
     """
 
-    def surrogate_fn(model, params, base_state, dtype, span=1):
+    def surrogate_fn(model, params, base_state, dtype, span=1, gate=None):
         z0 = model.project(params, dtype)
         z1, ok = integrate_span(
             model.flow,
@@ -251,14 +256,28 @@ def velocity_surrogate(dt, *, solver, substeps, stepsize_controller, max_steps):
             stepsize_controller=stepsize_controller,
             max_steps=max_steps,
         )
+        time = jnp.asarray(span * dt, dtype)
         step = model.lift(z1 - z0, params)
+        length = None if gate is None else model.step_length(z1 - z0, time)
+        keep = True
+        if length is not None:
+            # Measured in the subspace: the step is formed and guarded in one pass over
+            # `n` (no norm over `n`, no second select). A refused step is exactly zero,
+            # whatever the basis and drift hold.
+            code = gate(length, ok)
+            keep = code == OK
         if model.drift is not None:
             # What the subspace cannot see moves on at the last measured velocity.
-            time = jnp.asarray(span * dt, dtype)
             step = jax.tree_util.tree_map(
-                lambda s, d: s + (time * d.astype(dtype)).astype(s.dtype), step, model.drift
+                lambda s, d: jnp.where(keep, s + (time * d.astype(dtype)).astype(s.dtype), 0),
+                step,
+                model.drift,
             )
-        return step, base_state, ok
+        if gate is None:
+            return step, base_state, ok
+        if length is None:
+            step, code = gate_step(step, ok, gate)
+        return step, base_state, code
 
     return surrogate_fn
 

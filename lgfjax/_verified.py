@@ -115,6 +115,9 @@ class Model(NamedTuple):
     origin: PyTree[Array] | None  # where the phase began (POD coordinates zero)
     step_bound: Float[Array, ""]  # trust region: longest surrogate step accepted
     drift: PyTree[Array] | None  # last measurement outside the basis (None without `drift`)
+    # with `drift`: |drift|^2 + 0 * sum(basis), NaN unless both are finite; a surrogate
+    # step then measures its length in the subspace, |dz|^2 + t^2 |drift|^2 (`_lgf`)
+    drift_sq: Float[Array, ""] | None
     out_basis: PyTree[Array] | None  # with `target_basis`: POD basis of the targets
     noise: Float[Array, ""]  # relative noise of the recorded measurements (`_noise`)
 
@@ -185,7 +188,14 @@ def _surrogate_model(model: Model, degree, include_bias, params) -> SurrogateMod
     unravel = flat_unravel(params) if model.basis is None else None
     flow = PolynomialFlow(model.coefficients, degree, include_bias)
     return SurrogateModel(
-        flow, model.basis, unravel, model.origin, model.drift, model.out_basis, model.noise
+        flow,
+        model.basis,
+        unravel,
+        model.origin,
+        model.drift,
+        model.out_basis,
+        model.noise,
+        model.drift_sq,
     )
 
 
@@ -574,6 +584,7 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
                 if cfg.drift and rank is not None
                 else None
             ),
+            drift_sq=zero_f() if cfg.drift and rank is not None else None,
             out_basis=buffer(r, dtype) if cfg.target_basis and rank is not None else None,
             noise=zero_f(),
         ),
@@ -595,7 +606,6 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
     """
     sch, model = state.schedule, state.model
     dtype = model.coefficients.dtype
-    zeros = optax.tree.zeros_like(updates)
 
     def true_step(base_state):
         new_updates, new_base = base_update(updates, base_state, params, **extra_args)
@@ -615,15 +625,17 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
         sm = _surrogate_model(model, cfg.fit.degree, cfg.fit.include_bias, params)
         # With `max_horizon` 1 the span is the static 1: the solve's length is known.
         span = sch.horizon if cfg.max_horizon > 1 else 1
-        step, new_base, solver_ok = surrogate_fn(sm, params, base_state, dtype, span)
-        length = optax.tree.norm(step)
         bound = model.step_bound * sch.horizon.astype(dtype)
-        code = jnp.where(solver_ok, OK, SOLVER_FAILED)
-        code = jnp.where((code == OK) & ~jnp.isfinite(length), NONFINITE_STEP, code)
-        code = jnp.where((code == OK) & (length > bound), STEP_TOO_LARGE, code)
-        ok = code == OK
-        step = optax.tree.where(ok, step, zeros)
-        new_base = optax.tree.where(ok, new_base, base_state)
+
+        def gate(length, solver_ok):
+            # The surrogate decides where to measure `length` (in the subspace, where it
+            # can) and returns a zero step unless the code is OK.
+            code = jnp.where(solver_ok, OK, SOLVER_FAILED)
+            code = jnp.where((code == OK) & ~jnp.isfinite(length), NONFINITE_STEP, code)
+            return jnp.where((code == OK) & (length > bound), STEP_TOO_LARGE, code)
+
+        step, new_base, code = surrogate_fn(sm, params, base_state, dtype, span, gate=gate)
+        new_base = optax.tree.where(code == OK, new_base, base_state)
         # The objective ran although no true step was due (`lgfjax.value_and_grad` was
         # not used): nothing is saved, and the state says so.
         ungated = optax.tree.norm(updates) != 0
@@ -910,7 +922,7 @@ def fit_model(
     fit_cfg = dataclasses.replace(cfg.fit, rank=rank)  # "auto" was resolved at init
 
     def do_fit(carry):
-        ((_, basis, origin, _, drift, out_basis, _), anchor), _ = carry
+        ((_, basis, origin, _, drift, drift_sq, out_basis, _), anchor), _ = carry
         at = optax.tree.add(start.params, last_step)
         o = None if origin is None else optax.tree.cast_like(at, origin)
         fit = fit_pairs(fit_cfg, buf.points, buf.targets, o, dtype, cfg.target_basis)
@@ -925,11 +937,15 @@ def fit_model(
             measured = measure()
             inside = tree_lift(new_basis, tree_project(new_basis, measured, dtype), drift)
             drift = optax.tree.sub(optax.tree.cast_like(measured, drift), inside)
+            # Read once per fit: a surrogate step's length needs no pass over `n`.
+            drift_sq = optax.tree.norm(drift, squared=True).astype(dtype) + 0 * optax.tree.sum(
+                new_basis
+            ).astype(dtype)
         if out_basis is not None:
             out_basis = optax.tree.cast_like(fit.out_basis, out_basis)
         noise = measurement_noise(tree_gram(buf.targets, dtype), buf.stamps)
         new_model = Model(
-            fit.coefficients.astype(dtype), new_basis, o, bound, drift, out_basis, noise
+            fit.coefficients.astype(dtype), new_basis, o, bound, drift, drift_sq, out_basis, noise
         )
         anchor = optax.tree.where(fit.status == OK, start._replace(params=at), anchor)
         return (new_model, anchor), (

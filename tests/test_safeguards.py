@@ -113,6 +113,72 @@ def test_exploding_flow_is_refused(scale, expected):
     assert int(s.info.rejected) == 1 and int(s.phase) == 0
 
 
+def test_subspace_step_length_is_the_lifted_steps_length():
+    # The verified engine measures a surrogate step, lift(dz) + t drift, from r numbers:
+    # the basis is orthonormal and the drift lies outside it, so |step|^2 = |dz|^2 +
+    # t^2 |drift|^2 up to the cross term 2 t dz.U^T drift, which one projection leaves
+    # at rounding (~n eps |dz| |drift|): a relative bound of 100 n eps is generous.
+    from lgfjax._engine import SurrogateModel
+
+    n, r = 40, 3
+    rng = np.random.default_rng(0)
+    basis = jnp.asarray(np.linalg.qr(rng.normal(size=(n, r)))[0].T)  # (r, n) orthonormal rows
+    v = jnp.asarray(rng.normal(size=n))
+    drift = v - basis.T @ (basis @ v)
+    model = SurrogateModel(
+        None, basis, None, drift=drift, drift_sq=jnp.sum(drift**2) + 0 * jnp.sum(basis)
+    )
+    dz, t = jnp.asarray([0.3, -1.2, 0.05]), jnp.asarray(0.7)
+    step = model.lift(dz, v) + t * drift
+    eps = float(jnp.finfo(jnp.float64).eps)
+    np.testing.assert_allclose(
+        float(model.step_length(dz, t)), float(jnp.linalg.norm(step)), rtol=100 * n * eps
+    )
+    # A non-finite basis or drift (as a fit that overflowed leaves them) reads as NaN.
+    poisoned = model._replace(drift_sq=jnp.sum(drift**2) + 0 * jnp.sum(basis.at[1, 2].set(jnp.inf)))
+    assert bool(jnp.isnan(poisoned.step_length(dz, t)))
+
+
+def _verified_first_surrogate_state():
+    # The verified default (POD rank min(n, K // 2) with drift) up to its first surrogate
+    # update; gradients only where a true step is due.
+    problem = quadratic(n=8)
+    opt = lgfjax.lgf(optax.sgd(problem.lr), dt=problem.lr)
+    update = jax.jit(opt.update)
+    x, s = problem.x0, opt.init(problem.x0)
+    for _ in range(100):
+        if int(s.phase) != 0:
+            return update, problem, x, s
+        value, grad = jax.value_and_grad(problem.loss)(x)
+        u, s = update(grad, s, x, value=value)
+        x = optax.apply_updates(x, u)
+    raise AssertionError("no surrogate phase within 100 updates")
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize(
+    "poison, expected",
+    [("scale", lgfjax.Status.STEP_TOO_LARGE), ("nan", lgfjax.Status.NONFINITE_STEP)],
+)
+def test_verified_surrogate_step_is_refused_in_the_subspace(poison, expected):
+    update, problem, x, s = _verified_first_surrogate_state()
+    model = s.model
+    if poison == "scale":
+        # 1e3x the learned velocity: ~1e3x the last true step, against a trust region of
+        # 3x it (orders of magnitude, not ulps).
+        model = model._replace(coefficients=1e3 * model.coefficients)
+    else:
+        # What a fit of a non-finite drift or basis would leave: the step must be exactly
+        # zero although the drift it would add is NaN.
+        nan = jnp.asarray(jnp.nan, model.drift_sq.dtype)
+        model = model._replace(drift=jnp.full_like(model.drift, jnp.nan), drift_sq=nan)
+    u, s = update(jnp.zeros_like(x), s._replace(model=model), x, value=jnp.nan)
+    assert int(s.info.status) == expected
+    # Exact: a refused step is a select of zeros.
+    np.testing.assert_array_equal(u, jnp.zeros_like(x))
+    assert int(s.info.rejected) == 1 and int(s.phase) == 0
+
+
 @pytest.mark.numerics
 def test_step_bound_none_disables_trust_region():
     problem = quadratic(n=4)
