@@ -260,7 +260,7 @@ def velocity_surrogate(dt, *, solver, substeps, stepsize_controller, max_steps):
         step = model.lift(z1 - z0, params)
         length = None if gate is None else model.step_length(z1 - z0, time)
         keep = True
-        if length is not None:
+        if gate is not None and length is not None:
             # Measured in the subspace: the step is formed and guarded in one pass over
             # `n` (no norm over `n`, no second select). A refused step is exactly zero,
             # whatever the basis and drift hold.

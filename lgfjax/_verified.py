@@ -938,9 +938,8 @@ def fit_model(
             inside = tree_lift(new_basis, tree_project(new_basis, measured, dtype), drift)
             drift = optax.tree.sub(optax.tree.cast_like(measured, drift), inside)
             # Read once per fit: a surrogate step's length needs no pass over `n`.
-            drift_sq = optax.tree.norm(drift, squared=True).astype(dtype) + 0 * optax.tree.sum(
-                new_basis
-            ).astype(dtype)
+            drift_sq = jnp.asarray(optax.tree.norm(drift, squared=True), dtype)
+            drift_sq = drift_sq + 0 * jnp.asarray(optax.tree.sum(new_basis), dtype)
         if out_basis is not None:
             out_basis = optax.tree.cast_like(fit.out_basis, out_basis)
         noise = measurement_noise(tree_gram(buf.targets, dtype), buf.stamps)
