@@ -7,11 +7,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Compile time is most of the suite's time, so the suite compiles for speed:
 # 1. XLA's CPU backend without its fusion emitters and without LLVM's optimisations
 #    (--xla_backend_optimization_level=0): together about 0.6x the suite's time. The
-#    programs compute the same IEEE operations; only instruction choices differ (FMA
-#    contraction, vectorisation), as on another machine. `.ci/perturbed` runs every
-#    `numerics` test again as users' programs are compiled (fusion emitters and
-#    optimisations on; with AVX-only code and moved inputs), so each result that rests
-#    on rounding is checked under both. XLA_FLAGS that name either option are kept.
+#    programs compute the same IEEE operations; only instruction choices differ (no
+#    fused multiply-adds, other vectorisation), as on an older CPU. `.ci/perturbed`
+#    runs every `numerics` test again as users' programs are compiled (fusion emitters,
+#    optimisations and FMA on; AVX2 code, moved inputs), so each result that rests on
+#    rounding is checked under both. XLA_FLAGS that name either option are kept.
 # 2. One persistent compilation cache per session, shared by the xdist workers and
 #    the subprocesses tests start (JAX reads these variables at import): tests that
 #    build the same optimiser on the same problem compile it once. A cached
