@@ -585,7 +585,7 @@ def _update_table(sizes, ks, quick):
 # 32 MiB (the fit's K x n temporaries do at n = 1e6), every n-sized temporary that a
 # step writes is page-faulted again on every update. `--no-mmap` runs the workers with
 # mmap switched off in malloc, as a caching allocator (jemalloc, tcmalloc, a GPU's
-# BFC allocator) would behave, to show what the step itself costs.
+# BFC allocator) should behave (not measured here), to show what the step itself costs.
 NO_MMAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 _ENV = dict(os.environ)
 

@@ -8,7 +8,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # 1. XLA's CPU backend without its fusion emitters and without LLVM's optimisations
 #    (--xla_backend_optimization_level=0): together about 0.6x the suite's time. The
 #    programs compute the same IEEE operations; only instruction choices differ (no
-#    fused multiply-adds, other vectorisation), as on an older CPU. `.ci/perturbed`
+#    fused multiply-adds, other kernels), as on a CPU without FMA. `.ci/perturbed`
 #    runs every `numerics` test again as users' programs are compiled (fusion emitters,
 #    optimisations and FMA on; AVX2 code, moved inputs), so each result that rests on
 #    rounding is checked under both. XLA_FLAGS that name either option are kept.

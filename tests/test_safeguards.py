@@ -163,6 +163,12 @@ def _verified_first_surrogate_state():
 def test_verified_surrogate_step_is_refused_in_the_subspace(poison, expected):
     update, problem, x, s = _verified_first_surrogate_state()
     model = s.model
+    # The fit keeps |drift|^2 for the subspace length: a float64 sum of n = 8 squares,
+    # within n eps of its own terms (the basis is finite, so the 0 * sum adds nothing).
+    eps = float(jnp.finfo(model.drift.dtype).eps)
+    np.testing.assert_allclose(
+        float(model.drift_sq), float(jnp.sum(model.drift**2)), rtol=8 * eps, atol=0
+    )
     if poison == "scale":
         # 1e3x the learned velocity: ~1e3x the last true step, against a trust region of
         # 3x it (orders of magnitude, not ulps).
