@@ -63,16 +63,14 @@ def fit_flow(cfg: FitConfig, trajectory, gradients, dt, dtype) -> Fit:
         coords = _ravel_rows(trajectory, dtype)
         energy = jnp.ones((), dtype)
     else:
-        snapshots = trajectory
+        origin = None
         if cfg.center:
             # Differences are formed before the Gram matrix, so small moves of large
             # parameters keep their digits (an uncentred float32 Gram matrix loses
             # every mode below ~1e-3 of the leading one).
-            snapshots = jax.tree_util.tree_map(
-                lambda b: b.astype(dtype) - b[-1].astype(dtype), trajectory
-            )
-        v, s, energy = gram_modes(tree_gram(snapshots, dtype), cfg.rank)
-        basis = tree_basis(snapshots, v, s, dtype)
+            origin = jax.tree_util.tree_map(lambda b: b[-1], trajectory)
+        v, s, energy = gram_modes(tree_gram(trajectory, dtype, origin), cfg.rank)
+        basis = tree_basis(trajectory, v, s, dtype, origin)
         coords = v * s
     finite_traj = jnp.all(jnp.isfinite(coords))
     coords = jnp.where(finite_traj, coords, 0.0)
@@ -112,20 +110,16 @@ def fit_pairs(cfg: FitConfig, points, targets, origin, dtype, target_basis=False
         target = _ravel_rows(targets, dtype)
         energy = jnp.ones((), dtype)
     else:
-        snapshots = jax.tree_util.tree_map(lambda b: b.astype(dtype), points)
-        if origin is not None:
-            snapshots = jax.tree_util.tree_map(lambda b, o: b - o.astype(dtype), snapshots, origin)
-        v, s, energy = gram_modes(tree_gram(snapshots, dtype), cfg.rank)
-        basis = tree_basis(snapshots, v, s, dtype)
+        v, s, energy = gram_modes(tree_gram(points, dtype, origin), cfg.rank)
+        basis = tree_basis(points, v, s, dtype, origin)
         coords = v * s
         target = tree_project_rows(basis, targets, dtype)
     out_basis = None
     if target_basis and cfg.rank is not None:
         # `target_basis`: the targets in their own (uncentred) POD basis, so the model's
         # output is not confined to the directions the iterates moved in.
-        tsnap = jax.tree_util.tree_map(lambda b: b.astype(dtype), targets)
-        vt, st, _ = gram_modes(tree_gram(tsnap, dtype), cfg.rank)
-        out_basis = tree_basis(tsnap, vt, st, dtype)
+        vt, st, _ = gram_modes(tree_gram(targets, dtype), cfg.rank)
+        out_basis = tree_basis(targets, vt, st, dtype)
         target = vt * st
     finite = jnp.all(jnp.isfinite(coords)) & jnp.all(jnp.isfinite(target))
     coords = jnp.where(finite, coords, 0.0)

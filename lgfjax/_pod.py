@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._sharding import reduced_sharding
+from ._sharding import explicit_spec, reduced_sharding
 
 
 def gram_modes(
@@ -77,25 +77,90 @@ def _contract(subscripts, a, b):
     return jnp.einsum(subscripts, a, b, out_sharding=reduced_sharding(a, b))
 
 
-def tree_gram(snapshots, dtype) -> Float[Array, "K K"]:
-    """``X X^T`` for a pytree of snapshot leaves of shape ``(K, *shape)``."""
-    grams = [
-        _contract("kn,jn->kj", _flat2(leaf).astype(dtype), _flat2(leaf).astype(dtype))
-        for leaf in jax.tree_util.tree_leaves(snapshots)
-    ]
+# Columns per block when a centred contraction is formed block by block (see `_blocks`).
+BLOCK = 1 << 16
+
+
+def _blocks(leaf, origin, dtype, block_fn, init):
+    """Fold ``block_fn(carry, start, X[:, cols] - o[cols])`` over column blocks of a leaf.
+
+    `leaf` is ``(K, *shape)`` flattened to ``(K, n)``; `origin` (``shape``, or None)
+    is subtracted from every row. A leaf of at most `BLOCK` columns, or one that is
+    explicitly sharded, is centred in one piece. A larger one is centred one block of
+    `BLOCK` columns at a time in a loop (and its remainder after it), so that no
+    ``(K, n)`` temporary is formed: a compiled training step would otherwise hold one
+    in its temporaries on every update, true or surrogate, not only when it fits.
+    """
+    flat = _flat2(leaf)
+    o = None if origin is None else origin.reshape(-1)
+
+    def centred(start, size):
+        cols = jax.lax.dynamic_slice_in_dim(flat, start, size, axis=1).astype(dtype)
+        if o is None:
+            return cols
+        return cols - jax.lax.dynamic_slice_in_dim(o, start, size).astype(dtype)
+
+    n = flat.shape[1]
+    if n <= BLOCK or origin is None or explicit_spec(leaf) is not None:
+        whole = flat.astype(dtype) if o is None else flat.astype(dtype) - o.astype(dtype)
+        return block_fn(init, 0, whole)
+    count, tail = divmod(n, BLOCK)
+    carry = jax.lax.fori_loop(
+        0, count, lambda i, c: block_fn(c, i * BLOCK, centred(i * BLOCK, BLOCK)), init
+    )
+    if tail:
+        carry = block_fn(carry, count * BLOCK, centred(count * BLOCK, tail))
+    return carry
+
+
+def tree_gram(snapshots, dtype, origin=None) -> Float[Array, "K K"]:
+    """``X X^T`` for a pytree of snapshot leaves of shape ``(K, *shape)``.
+
+    With `origin` (a pytree of ``shape`` leaves), the Gram matrix of ``X - origin``,
+    centred before the products so that small moves of large parameters keep their
+    digits, and without a ``(K, n)`` temporary for large leaves.
+    """
+    origins = [None] * len(jax.tree_util.tree_leaves(snapshots))
+    if origin is not None:
+        origins = jax.tree_util.tree_leaves(origin)
+
+    def one(leaf, o):
+        k = leaf.shape[0]
+
+        def add(gram, _, d):
+            return gram + _contract("kn,jn->kj", d, d)
+
+        return _blocks(leaf, o, dtype, add, jnp.zeros((k, k), dtype))
+
+    grams = [one(leaf, o) for leaf, o in zip(jax.tree_util.tree_leaves(snapshots), origins)]
     return sum(grams[1:], grams[0])
 
 
-def tree_basis(snapshots, v: Float[Array, "K r"], s: Float[Array, " r"], dtype):
-    """Basis leaves ``(r, *shape)`` with ``U = X^T v / s``, stored in `dtype`."""
+def tree_basis(snapshots, v: Float[Array, "K r"], s: Float[Array, " r"], dtype, origin=None):
+    """Basis leaves ``(r, *shape)`` with ``U = (X - origin)^T v / s``, stored in `dtype`.
+
+    `origin` as in `tree_gram` (None: ``X`` itself).
+    """
     inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
     weights = v * inv
+    r = weights.shape[1]
 
-    def one(leaf):
-        flat = jnp.einsum("kr,kn->rn", weights, _flat2(leaf).astype(weights.dtype))
-        return flat.reshape((weights.shape[1],) + leaf.shape[1:]).astype(dtype)
+    def one(leaf, o):
+        def put(out, start, d):
+            part = jnp.einsum("kr,kn->rn", weights, d.astype(weights.dtype)).astype(dtype)
+            if out is None:
+                return part
+            return jax.lax.dynamic_update_slice_in_dim(out, part, start, axis=1)
 
-    return jax.tree_util.tree_map(one, snapshots)
+        flat = _flat2(leaf)
+        blocked = flat.shape[1] > BLOCK and o is not None and explicit_spec(leaf) is None
+        init = jnp.zeros((r, flat.shape[1]), dtype) if blocked else None
+        out = _blocks(leaf, o, weights.dtype, put, init)
+        return out.reshape((r,) + leaf.shape[1:])
+
+    if origin is None:
+        return jax.tree_util.tree_map(lambda leaf: one(leaf, None), snapshots)
+    return jax.tree_util.tree_map(one, snapshots, origin)
 
 
 def tree_project(basis, tree, dtype) -> Float[Array, " r"]:

@@ -194,3 +194,45 @@ def test_tree_helpers_mixed_dtypes():
     eps32 = float(np.finfo(np.float32).eps)
     tol = 2 * one.size * eps32 * np.abs(np.asarray(one)).max()
     np.testing.assert_allclose(ravel_pytree(roundtrip)[0], one, atol=tol)
+
+
+@jax.jit
+def _centred(points, origin, weights_v, weights_s):
+    gram = _pod.tree_gram(points, jnp.float32, origin)
+    basis = _pod.tree_basis(points, weights_v, weights_s, jnp.float32, origin)
+    return gram, basis
+
+
+def test_centred_contractions_in_blocks_are_exact():
+    # A leaf longer than `BLOCK` is centred block by block (no (K, n) temporary). With
+    # small integers every product and partial sum is an integer below 2^24, so float32
+    # sums them exactly in any order: the Gram matrix must equal the exact one.
+    rng = np.random.default_rng(3)
+    k, n = 5, 2 * _pod.BLOCK + 77
+    points = {
+        "big": rng.integers(-2, 3, size=(k, n)).astype(np.float32),
+        "small": rng.integers(-2, 3, size=(k, 3, 4)).astype(np.float32),
+    }
+    origin = {
+        "big": rng.integers(-2, 3, size=n).astype(np.float32),
+        "small": rng.integers(-2, 3, size=(3, 4)).astype(np.float32),
+    }
+    d = np.concatenate(
+        [
+            (points["big"] - origin["big"]).astype(np.float64),
+            (points["small"] - origin["small"]).reshape(k, -1).astype(np.float64),
+        ],
+        axis=1,
+    )
+    v = np.linalg.qr(rng.normal(size=(k, 3)))[0].astype(np.float32)
+    s = np.asarray([4.0, 2.0, 0.5], np.float32)
+    gram, basis = _centred(points, origin, v, s)
+    np.testing.assert_array_equal(np.asarray(gram, np.float64), d @ d.T)
+    # Each basis entry is a k-term dot product in float32 (weights v / s rounded once):
+    # the dot-product bound (k + 2) eps32 sum |w d|, against the same formula in float64.
+    w = v.astype(np.float64) / s.astype(np.float64)
+    got = np.concatenate(
+        [np.asarray(basis["big"]), np.asarray(basis["small"]).reshape(3, -1)], axis=1
+    )
+    bound = (k + 2) * np.finfo(np.float32).eps * (np.abs(w).T @ np.abs(d))
+    np.testing.assert_array_less(np.abs(got - w.T @ d), bound + np.finfo(np.float32).tiny)

@@ -99,3 +99,37 @@ def test_copy_counter_sees_a_copy():
         .as_text()
     )
     assert _copies(text, K * N)
+
+
+@pytest.mark.parametrize("name", ["lgf-verified", "lgf_adam"])
+def test_no_temporary_grows_with_the_history(name):
+    # A fit may read all K rows, but must not form a (K, n) temporary (the centred
+    # points, before a fit centred them block by block): XLA's CPU runtime allocates a
+    # step's temporaries on every call, so their size is paid by every update, and
+    # above malloc's mmap threshold each update page-faults them afresh. Between K = 4
+    # and K = 8 the temporaries may grow by the fit's (K, BLOCK) blocks (two of them,
+    # 8 BLOCK floats), not by a (4, n) array (32 BLOCK floats here).
+    from lgfjax._pod import BLOCK
+
+    n = 8 * BLOCK + 3  # so that the points are centred in blocks
+    d = jnp.linspace(0.5, 2.0, n, dtype=jnp.float32)
+
+    def temporaries(k):
+        opt = (
+            lgfjax.lgf(optax.sgd(1e-2), dt=1e-2, schedule=lgfjax.Verified(history_size=k))
+            if name == "lgf-verified"
+            else lgfjax.lgf_adam(1e-2, schedule=lgfjax.Verified(history_size=k))
+        )
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def step(params, state):
+            value, grads = lgfjax.value_and_grad(lambda x: 0.5 * jnp.sum(d * x * x))(params, state)
+            updates, state = opt.update(grads, state, params, value=value)
+            return optax.apply_updates(params, updates), state
+
+        params = jnp.ones(n, jnp.float32)
+        compiled = step.lower(params, opt.init(params)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    grown = temporaries(8) - temporaries(4)
+    assert grown < 2 * n * 4, f"{name}: temporaries grew by {grown} bytes from K = 4 to 8"
