@@ -745,6 +745,8 @@ def measure_one(example: str, size: str, rounds: int = 1, steps: int | None = No
 
 TABLE_BEGIN = "<!-- sweep:table begin (written by benchmarks/bench_sweep.py --summarise) -->"
 TABLE_END = "<!-- sweep:table end -->"
+RECORDS_BEGIN = "<!-- sweep:records begin (written by benchmarks/bench_sweep.py --summarise) -->"
+RECORDS_END = "<!-- sweep:records end -->"
 
 
 def json_path(outdir: str, example: str, size: str) -> str:
@@ -880,18 +882,25 @@ def plot(rows: list[dict], path: str) -> str:
 
 
 def summarise(outdir: str, md_path: str = SWEEP_MD, plot_path: str = PLOT) -> str:
-    """Write the table into `md_path` (between its markers) and the plot; return the
-    table."""
+    """Write the table and the raw records into `md_path` (between its markers; a
+    new file if there is none) and the plot; return the table."""
     rows = load_results(outdir)
     text = table(rows)
+    records = "```json\n" + "\n".join(json.dumps(r) for r in rows) + "\n```"
+    doc = f"# bench_sweep.py\n\n{TABLE_BEGIN}\n{TABLE_END}\n\n{RECORDS_BEGIN}\n{RECORDS_END}\n"
     if os.path.exists(md_path):
         with open(md_path) as f:
             doc = f.read()
-        if TABLE_BEGIN in doc and TABLE_END in doc:
-            start, end = doc.index(TABLE_BEGIN), doc.index(TABLE_END)
-            doc = doc[: start + len(TABLE_BEGIN)] + "\n" + text + "\n" + doc[end:]
-            with open(md_path, "w") as f:
-                f.write(doc)
+    for begin, end_marker, body in (
+        (TABLE_BEGIN, TABLE_END, text),
+        (RECORDS_BEGIN, RECORDS_END, records),
+    ):
+        if begin in doc and end_marker in doc:
+            start, end = doc.index(begin), doc.index(end_marker)
+            doc = doc[: start + len(begin)] + "\n" + body + "\n" + doc[end:]
+    os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
+    with open(md_path, "w") as f:
+        f.write(doc)
     if rows:
         plot(rows, plot_path)
     missing = [f"{e} {s}" for e, s in published() if not os.path.exists(json_path(outdir, e, s))]
