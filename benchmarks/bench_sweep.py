@@ -696,7 +696,7 @@ def measure_one(example: str, size: str, rounds: int = 1, steps: int | None = No
         return None if r is None else r[key]
 
     base_total, lgf_total = get(b, "total_s"), get(g, "total_s")
-    surrogate = costs["surrogate_step_seconds"]
+    surrogate, gradient_s = costs["surrogate_step_seconds"], costs["gradient_seconds"]
     return {
         "example": example,
         "size": size,
@@ -711,7 +711,7 @@ def measure_one(example: str, size: str, rounds: int = 1, steps: int | None = No
         "base_gradients": g_base,
         "lgf_gradients": g_lgf,
         **costs,
-        "gradient_over_surrogate": costs["gradient_seconds"] / surrogate if surrogate else None,
+        "gradient_over_surrogate": gradient_s / surrogate if surrogate else None,
         "base_total_seconds": base_total,
         "lgf_total_seconds": lgf_total,
         "base_compile_seconds": get(b, "compile_s"),
@@ -722,6 +722,10 @@ def measure_one(example: str, size: str, rounds: int = 1, steps: int | None = No
         "lgf_timed_gradients": get(g, "gradients"),
         "base_timed_reached": reached(b),
         "lgf_timed_reached": reached(g),
+        # Estimates, not measurements: each total less its gradients at the measured
+        # cost of one (what the rest of the run took: compile, updates, surrogate steps).
+        "base_other_seconds": None if b is None else base_total - g_base * gradient_s,
+        "lgf_other_seconds": None if g is None else lgf_total - g_lgf * gradient_s,
         "gradient_ratio": gradient_ratio,
         "wall_ratio": None if (b is None or g is None) else lgf_total / base_total,
         "rule_bound": None if gradient_ratio is None else RULE * gradient_ratio,
