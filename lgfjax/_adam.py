@@ -11,7 +11,7 @@ from jaxtyping import Array, Int
 from ._engine import gate_step
 from ._flow import RK4, integrate_span
 from ._lgf import build_engine, fit_options, shared_options
-from ._noise import second_moment_scale
+from ._noise import NOISE_FLOOR, second_moment_scale
 from ._options import Fit, Fixed, Integrator, Verified, flat_options, from_keywords
 from ._validate import _concrete, check_bool, check_nonnegative, check_positive
 
@@ -146,9 +146,19 @@ def adam_surrogate(
                 return -(m_ / c1) / (jnp.sqrt(v_hat) + eps)
 
             dm = jax.tree_util.tree_map(lambda g_, m_: (1 - b1) / eta * (g_ - m_), g, m)
+
             # A learned gradient is a mean: v relaxes toward E[g^2] = mean^2 / (1 - r^2)
             # for measurements of relative noise r (exactly g^2 when they are exact).
-            dv = jax.tree_util.tree_map(lambda g_, v_: (1 - b2) / eta * (g_**2 * second - v_), g, v)
+            # Under noise it does not decay: per coordinate, the true v also holds the
+            # variance, which the mean has lost; without it the coordinates where noise
+            # dominates (mean ~ 0) would move at the full rate, like sign descent.
+            def dv_(g_, v_):
+                rate = g_**2 * second - v_
+                if noisy is not None:  # (the fixed schedule does not measure noise)
+                    rate = jnp.where(noisy, jnp.maximum(rate, 0), rate)
+                return (1 - b2) / eta * rate
+
+            dv = jax.tree_util.tree_map(dv_, g, v)
             if nu_max is None:
                 dadt = jax.tree_util.tree_map(lambda m_, v_: da(m_, v_, None), m, v)
             else:
@@ -156,6 +166,9 @@ def adam_surrogate(
             return dadt, dm, dv
 
         second = second_moment_scale(jnp.asarray(model.noise, dtype))
+        noisy = None
+        if isinstance(model.noise, jax.Array):
+            noisy = jnp.asarray(model.noise, dtype) > NOISE_FLOOR
 
         def to_fit(tree):
             return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)

@@ -10,6 +10,7 @@ from jaxtyping import Array, Float, Int
 
 from ._derivatives import strong_form, weak_form
 from ._library import polynomial_library
+from ._noise import NOISE_FLOOR, mean_predicts_better
 from ._pod import gram_modes, tree_basis, tree_gram, tree_project_rows
 from ._sharding import gathered
 from ._status import EMPTY_MODEL, FIT_FAILED, NONFINITE_TRAJECTORY, OK
@@ -95,14 +96,19 @@ def fit_flow(cfg: FitConfig, trajectory, gradients, dt, dtype) -> Fit:
     return regress(cfg, features, target, finite_traj, basis, energy, dtype)
 
 
-def fit_pairs(cfg: FitConfig, points, targets, origin, dtype, target_basis=False) -> Fit:
+def fit_pairs(
+    cfg: FitConfig, points, targets, origin, dtype, target_basis=False, noise=None, stamps=None
+) -> Fit:
     """Fit a model of the targets at recorded points (no contiguous window needed).
 
     `points` and `targets` leaves have shape ``(K, *shape)``: the iterates at which
     true steps were taken and what was measured there (the base's velocity, or the
     gradient). With a rank, the POD is of ``points - origin`` (`origin` is where the
     surrogate starts, so it has coordinates zero); with `origin` None the POD is
-    uncentred.
+    uncentred. `noise`, the targets' relative noise (`lgfjax._noise`): above
+    `NOISE_FLOOR`, the model is the targets' mean wherever that predicts the newest
+    pairs (by `stamps`, their update counts), each left out in turn, better than the
+    library does (`mean_predicts_better`): a phase starts beyond the newest pair.
     """
     if cfg.rank is None:
         basis = None
@@ -126,7 +132,26 @@ def fit_pairs(cfg: FitConfig, points, targets, origin, dtype, target_basis=False
     target = jnp.where(finite, target, 0.0)
     features = polynomial_library(coords, cfg.degree, cfg.include_bias)
     fit = regress(cfg, features, target, finite, basis, energy, dtype)
+    if noise is not None and cfg.include_bias:
+        # Bias first in the library: the mean model is the targets' mean on it.
+        use_mean = (noise > NOISE_FLOOR) & mean_predicts_better(
+            features, target, _newest(stamps, target.shape[0])
+        )
+        mean = jnp.zeros_like(fit.coefficients).at[0].set(jnp.mean(target, axis=0))
+        coefficients = jnp.where(use_mean & (fit.status == OK), mean, fit.coefficients)
+        fit = fit._replace(coefficients=coefficients.astype(fit.coefficients.dtype))
     return fit._replace(out_basis=out_basis)
+
+
+# Pairs, newest first, on which the mean and the library are compared (leave-one-out).
+NEWEST = 3
+
+
+def _newest(stamps, rows: int):
+    """Weights 1 on the `NEWEST` pairs with the largest stamps (all pairs without stamps)."""
+    if stamps is None or rows <= NEWEST:
+        return None
+    return stamps >= jnp.sort(stamps)[rows - NEWEST]
 
 
 def regress(cfg: FitConfig, features, target, finite_traj, basis, energy, dtype) -> Fit:

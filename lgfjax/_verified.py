@@ -63,6 +63,7 @@ from ._flow import PolynomialFlow
 from ._layout import compiled_init, init_in_layout, is_flat, update_in_layout
 from ._library import library_size
 from ._noise import (
+    NOISE_FLOOR,
     PAIRED_MIN_LENGTH,
     LossNoise,
     Z,
@@ -437,6 +438,10 @@ def verified_update(
     resume = lost
     if (cfg.drift or cfg.resume_on_drop) and value is not None:
         resume = resume | (disagree & ~undo & found.lowered)
+    # Under noise, a disagreement that the loss does not confirm is mostly the noise of
+    # one measurement: refit at once rather than spend fresh true steps first.
+    noisy = state.model.noise > NOISE_FLOOR
+    resume = resume | (disagree & ~undo & noisy & (found.inconclusive | found.lowered))
     code = jnp.where(
         skipped, code, jnp.where(undo, LOSS_ROSE, jnp.where(disagree, FLOW_DISAGREED, code))
     )
@@ -925,7 +930,13 @@ def fit_model(
         ((_, basis, origin, _, drift, drift_sq, out_basis, _), anchor), _ = carry
         at = optax.tree.add(start.params, last_step)
         o = None if origin is None else optax.tree.cast_like(at, origin)
-        fit = fit_pairs(fit_cfg, buf.points, buf.targets, o, dtype, cfg.target_basis)
+        # The measurements' noise counts only where the loss is noisy too: a deterministic
+        # descent's rough measurements (projected or clipped steps) are not noise.
+        noise = measurement_noise(tree_gram(buf.targets, dtype), buf.stamps)
+        noise = jnp.where(start.loss_error > 0, noise, 0).astype(noise.dtype)
+        fit = fit_pairs(
+            fit_cfg, buf.points, buf.targets, o, dtype, cfg.target_basis, noise, buf.stamps
+        )
         scale = optax.tree.norm(last_step).astype(dtype)
         bound = (
             jnp.asarray(jnp.inf, dtype)
@@ -942,7 +953,6 @@ def fit_model(
             drift_sq = drift_sq + 0 * jnp.asarray(optax.tree.sum(new_basis), dtype)
         if out_basis is not None:
             out_basis = optax.tree.cast_like(fit.out_basis, out_basis)
-        noise = measurement_noise(tree_gram(buf.targets, dtype), buf.stamps)
         new_model = Model(
             fit.coefficients.astype(dtype), new_basis, o, bound, drift, drift_sq, out_basis, noise
         )
