@@ -308,10 +308,16 @@ def run_random(opt, loss, energy, params, steps: int, key, count: int, every: in
 
 
 def compare_random(
-    steps: int = 2000, n: int = 16, count: int = 5000, seed: int = 0, every: int = 10
+    steps: int = 2000,
+    n: int = 16,
+    count: int = 5000,
+    seed: int = 0,
+    every: int = 10,
+    default_steps: int | None = None,
 ):
     """Adam, LGF-Adam (the fixed K, M) and the default `lgf_adam(LR)`, each for `steps`
-    updates with `count` random points per true gradient; judged on the fixed n^3 grid.
+    updates (the default for `default_steps`, if given) with `count` random points per
+    true gradient; judged on the fixed n^3 grid.
     """
     params, static = make_model(jax.random.PRNGKey(seed))
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
@@ -327,8 +333,9 @@ def compare_random(
     }
     out = {"grid": n, "steps": steps, "points": count, "seed": seed, "runs": {}}
     for name, opt in optimisers.items():
+        updates = steps if name != "LGF-Adam default" or default_steps is None else default_steps
         final, state, spent, energies, seconds = run_random(
-            opt, loss, energy, params, steps, key, count, every
+            opt, loss, energy, params, updates, key, count, every
         )
         field = jax.vmap(displacement, in_axes=(None, None, 0))(final, static, points)
         out["runs"][name] = dict(
