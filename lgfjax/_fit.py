@@ -97,7 +97,15 @@ def fit_flow(cfg: FitConfig, trajectory, gradients, dt, dtype) -> Fit:
 
 
 def fit_pairs(
-    cfg: FitConfig, points, targets, origin, dtype, target_basis=False, noise=None, stamps=None
+    cfg: FitConfig,
+    points,
+    targets,
+    origin,
+    dtype,
+    target_basis=False,
+    noise=None,
+    stamps=None,
+    target_gram=None,
 ) -> Fit:
     """Fit a model of the targets at recorded points (no contiguous window needed).
 
@@ -109,6 +117,7 @@ def fit_pairs(
     `NOISE_FLOOR`, the model is the targets' mean wherever that predicts the newest
     pairs (by `stamps`, their update counts), each left out in turn, better than the
     library does (`mean_predicts_better`): a phase starts beyond the newest pair.
+    `target_gram`: ``T T^T`` of the targets if the caller has it (else computed here).
     """
     if cfg.rank is None:
         basis = None
@@ -124,7 +133,9 @@ def fit_pairs(
     if target_basis and cfg.rank is not None:
         # `target_basis`: the targets in their own (uncentred) POD basis, so the model's
         # output is not confined to the directions the iterates moved in.
-        vt, st, _ = gram_modes(tree_gram(targets, dtype), cfg.rank)
+        if target_gram is None:
+            target_gram = tree_gram(targets, dtype)
+        vt, st, _ = gram_modes(target_gram, cfg.rank)
         out_basis = tree_basis(targets, vt, st, dtype)
         target = vt * st
     finite = jnp.all(jnp.isfinite(coords)) & jnp.all(jnp.isfinite(target))

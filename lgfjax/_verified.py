@@ -932,10 +932,11 @@ def fit_model(
         o = None if origin is None else optax.tree.cast_like(at, origin)
         # The measurements' noise counts only where the loss is noisy too: a deterministic
         # descent's rough measurements (projected or clipped steps) are not noise.
-        noise = measurement_noise(tree_gram(buf.targets, dtype), buf.stamps)
+        gram = tree_gram(buf.targets, dtype)  # once: the noise and the targets' POD
+        noise = measurement_noise(gram, buf.stamps)
         noise = jnp.where(start.loss_error > 0, noise, 0).astype(noise.dtype)
         fit = fit_pairs(
-            fit_cfg, buf.points, buf.targets, o, dtype, cfg.target_basis, noise, buf.stamps
+            fit_cfg, buf.points, buf.targets, o, dtype, cfg.target_basis, noise, buf.stamps, gram
         )
         scale = optax.tree.norm(last_step).astype(dtype)
         bound = (

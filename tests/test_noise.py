@@ -218,10 +218,11 @@ def test_mean_model_chosen_by_leave_one_out():
     # As many library columns as pairs: every pair has leverage 1, nothing is predicted.
     square = _affine_features(jnp.asarray(rng.normal(size=(k, k - 1))))
     assert bool(_noise.mean_predicts_better(square, exact))
-    # Pure noise about a constant: the mean's expected PRESS is about k sigma^2 r, the
-    # affine fit's sigma^2 r sum 1 / (1 - h_ii) >= k sigma^2 r / (1 - (r + 1) / k), 2.5x
-    # it here; each sums k r = 50 squared residuals (a spread of about 20 %), so the
-    # mean wins on every one of 20 seeds (a reversal needs a ~5 sigma excursion).
+    # Pure noise about a constant: the mean's expected PRESS is k^2 / (k - 1) sigma^2 r,
+    # the affine fit's sigma^2 r sum 1 / (1 - h_ii) >= k sigma^2 r / (1 - (r + 1) / k)
+    # (Jensen), 2.25x it here; each sums k r = 50 squared residuals (a spread of about
+    # 20 %), so the mean wins on every one of 20 seeds (a reversal needs the ratio to
+    # fall by more than half, several standard deviations).
     for seed in range(20):
         noise = np.random.default_rng(100 + seed).normal(size=(k, r))
         assert bool(_noise.mean_predicts_better(features, jnp.asarray(1.0 + noise)))
