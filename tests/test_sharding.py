@@ -60,12 +60,31 @@ print(int(lgfjax.gradient_evaluations(state)), int(jax.device_count()))
 SCRIPT = Path(__file__).with_name("_sharded_run.py")
 EPS64 = 2.0**-52
 
+# XLA's CPU runtime runs the simulated devices' collectives on its intra-op thread pool,
+# which has one worker per core. With more devices than cores (4 or 8 on CI's 2 cores),
+# a device's all-reduce can wait behind workers that block in the rendezvous, and XLA
+# aborts the process after 40 s ("Termination timeout ... only 3 of them arrived"). It
+# happened once in many CI runs, under load, inside a diffrax loop of the full-space
+# flow (a contraction over the sharded axis per right-hand side). It is the runtime's
+# scheduling, not a result: such a run is repeated, at most twice; any other failure,
+# and a result from a completed run, is judged as is.
+_RENDEZVOUS_ABORT = "Termination timeout for `all reduce"
+
+
+def _run_sharded(args, timeout):
+    for _ in range(3):
+        out = subprocess.run(
+            [sys.executable, *args], capture_output=True, text=True, timeout=timeout
+        )
+        if out.returncode == 0 or _RENDEZVOUS_ABORT not in out.stderr:
+            break
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
 
 @pytest.fixture(scope="module")
 def result():
-    out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _run_sharded([str(SCRIPT)], timeout=300)
 
 
 def test_eight_devices(result):
@@ -136,14 +155,7 @@ EXPLICIT_SLOW = ("center", "check_every")
 @functools.cache
 def _explicit_run(configs):
     script = Path(__file__).with_name("_explicit_run.py")
-    out = subprocess.run(
-        [sys.executable, str(script), "--x64", *configs],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _run_sharded([str(script), "--x64", *configs], timeout=600)
 
 
 @pytest.fixture
