@@ -44,6 +44,13 @@ PAIRED_MIN_LENGTH = 4
 RISE_WEIGHT = 0.1
 # Below this relative noise, measurements count as exact (no change to any rule).
 NOISE_FLOOR = 0.1
+# What is known of the batches (`LossNoise.resampled`): nothing yet, one fixed objective
+# (a point's loss is the same at every true step), or a batch drawn per true step.
+UNKNOWN, SAME, RESAMPLED = 0, 1, 2
+# Once batches are known to be resampled, a confirmed phase whose change of the loss was
+# within its noise lengthens its steps to this many `dt` (mini-batches: the learned flow
+# is the mean of the noisy steps, and a longer step costs no gradient).
+NOISY_HORIZON = 2
 
 
 class LossNoise(NamedTuple):
@@ -52,11 +59,15 @@ class LossNoise(NamedTuple):
     last_loss: Float[Array, ""]  # mean loss at the last true step (nan if none)
     last_count: Int[Array, ""]  # update count of that step
     rise2: Float[Array, ""]  # running mean of squared rises between consecutive ones
+    resampled: Int[Array, ""]  # `UNKNOWN`, `SAME` or `RESAMPLED` (see `same_batch`)
 
 
 def init_loss_noise(dtype) -> LossNoise:
     return LossNoise(
-        jnp.full((), jnp.nan, dtype), jnp.full((), -2, jnp.int32), jnp.zeros((), dtype)
+        jnp.full((), jnp.nan, dtype),
+        jnp.full((), -2, jnp.int32),
+        jnp.zeros((), dtype),
+        jnp.full((), UNKNOWN, jnp.int32),
     )
 
 
@@ -84,7 +95,22 @@ def track(noise: LossNoise, is_true, count, loss) -> LossNoise:
         jnp.where(is_true, loss, noise.last_loss).astype(noise.last_loss.dtype),
         jnp.where(is_true, count, noise.last_count).astype(jnp.int32),
         rise2.astype(noise.rise2.dtype),
+        noise.resampled,
     )
+
+
+def same_batch(again, recorded, dtype):
+    """`SAME` or `RESAMPLED`: whether a point's loss evaluated `again` (by the judging
+    step's `value_fn`) is the loss `recorded` there at an earlier true step.
+
+    The same objective gives the same value up to the rounding of its sum in another
+    order (another compiled function): a few ulps times the sum's condition. Values that
+    differ by more than ``sqrt(eps)`` relative came from different batches; batch noise
+    smaller than that is too small to decide a verdict, so calling it `SAME` is harmless.
+    """
+    tol = jnp.sqrt(jnp.finfo(dtype).eps) * jnp.maximum(jnp.abs(again), jnp.abs(recorded))
+    same = jnp.abs(again - recorded) <= tol
+    return jnp.where(same, SAME, RESAMPLED).astype(jnp.int32)
 
 
 def scalar_error(noise: LossNoise):

@@ -118,6 +118,9 @@ class Diagnostics(NamedTuple):
     - `noise`, `loss_noise`: the recorded measurements' relative noise (near 0 for a
       deterministic objective, about 1 or more for small mini-batches) and the
       loss's standard error at the last true step;
+    - `resampled`: what the run found of its batches: 0 not known yet, 1 one fixed
+      objective, 2 a batch drawn per true step (checked once, with `value_fn`, on the
+      first confirmed phase whose change of the loss was within its noise);
     - `next_phase_length`: the length planned for the next surrogate phase (fixed
       schedule: surrogate steps per cycle);
     - `returns`: how often the run went back to its best true point after staying far
@@ -144,6 +147,7 @@ class Diagnostics(NamedTuple):
     flow_error: Float[Array, ""]
     noise: Float[Array, ""]
     loss_noise: Float[Array, ""]
+    resampled: Int[Array, ""]
     next_phase_length: Int[Array, ""]
     returns: Int[Array, ""]
     fit_residual: Float[Array, ""]
@@ -208,6 +212,7 @@ def diagnostics(state) -> Diagnostics:
             flow_error=info.flow_error,
             noise=s.model.noise,
             loss_noise=_loss_noise(s),
+            resampled=s.noise.resampled,
             next_phase_length=s.schedule.length,
             returns=s.best.returns,
             fit_residual=info.fit_residual,
@@ -234,6 +239,7 @@ def diagnostics(state) -> Diagnostics:
         flow_error=nan,
         noise=nan,
         loss_noise=nan,
+        resampled=none,
         next_phase_length=s.schedule.surrogate_steps,
         returns=none,
         fit_residual=info.fit_residual,

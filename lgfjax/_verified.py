@@ -64,13 +64,17 @@ from ._layout import compiled_init, init_in_layout, is_flat, update_in_layout
 from ._library import library_size
 from ._noise import (
     NOISE_FLOOR,
+    NOISY_HORIZON,
     PAIRED_MIN_LENGTH,
+    RESAMPLED,
+    UNKNOWN,
     LossNoise,
     Z,
     agreement_tolerance,
     init_loss_noise,
     mean_and_error,
     measurement_noise,
+    same_batch,
     scalar_error,
     track,
     verdict,
@@ -408,20 +412,10 @@ def verified_update(
         return target_fn(updates, jax.tree.map(lambda u: u / scale.astype(u.dtype), true_step))
 
     judging = is_true & sch.verify
-    found = judge(
-        judging,
-        sch.length,
-        model,
-        params,
-        measured,
-        value,
-        value_fn,
-        state.anchor,
-        state.noise,
-        cfg,
-    )
+    found = judge(judging, sch.length, model, params, measured, value, value_fn, state, cfg)
     err, agree = found.error, found.agree
     loss, loss_error, noise = observe(value, state.noise, is_true & ~skipped, sch.count, dtype)
+    noise = noise._replace(resampled=found.resampled)
     # A stay far above the best true loss ends back at the best true point (`_best`).
     go_back, above = watch(state.best, is_true & ~skipped, loss, K)
     # An undefined loss sends the iterate back to the last true iterate (below), which
@@ -452,7 +446,16 @@ def verified_update(
     step = retreat(lost, buffers, params, step)
     # 4. The schedule; 5. the fit, once or never, where the next step starts.
     nxt = schedule_step(
-        sch, cfg, code, agree, undo, buffers.filled >= K, resume, err, found.inconclusive
+        sch,
+        cfg,
+        code,
+        agree,
+        undo,
+        buffers.filled >= K,
+        resume,
+        err,
+        found.inconclusive,
+        found.resampled == RESAMPLED,
     )
     # After a return, the phases start short again.
     nxt = nxt._replace(
@@ -668,11 +671,10 @@ class Verdict(NamedTuple):
     inconclusive: Bool[Array, ""]  # the loss changed within its noise: shorter next phase
     lowered: Bool[Array, ""]  # the loss fell by more than its noise
     value_calls: Int[Array, ""]  # value_fn evaluations spent (the paired loss)
+    resampled: Int[Array, ""]  # what is known of the batches after it (`_noise.UNKNOWN`...)
 
 
-def judge(
-    judging, length, model: Model, params, measure, value, value_fn, anchor: Anchor, noise, cfg
-):
+def judge(judging, length, model: Model, params, measure, value, value_fn, state, cfg):
     """The `Verdict` on the phase a true step ends.
 
     `measure()` is what the true step measured (called only when `judging`).
@@ -687,8 +689,16 @@ def judge(
     evaluated on the judging step's batch (a paired comparison, one value evaluation).
     Without `value`, a prediction farther from the truth than standing still (error
     > 1) undoes it.
+
+    The first verdict that agrees but is inconclusive also evaluates the best true point
+    (`state.best`) on this batch, once per run (one more value evaluation): its loss there is
+    the one recorded at it if the objective is one fixed function, else the batches are
+    resampled (`_noise.same_batch`). Only a run known to be resampled lengthens its steps
+    on such verdicts (`schedule_step`): a deterministic run's inconclusive verdicts (the
+    rises of Adam's own oscillation read as noise) keep the rule they had.
     """
     dtype = model.coefficients.dtype
+    anchor, noise, best = state.anchor, state.noise, state.best
 
     def flow_error(_):
         measured = measure()
@@ -712,9 +722,10 @@ def judge(
     err = jax.lax.cond(judging, flow_error, lambda _: jnp.zeros((), dtype), None)
     err = jnp.where(jnp.isfinite(err), err, jnp.inf)
     false, calls = jnp.asarray(False), jnp.zeros((), jnp.int32)
+    resampled = noise.resampled
     if value is None:
         agree = judging & (err <= cfg.verify_tolerance)
-        return Verdict(err, agree, judging & ~(err <= 1.0), false, false, calls)
+        return Verdict(err, agree, judging & ~(err <= 1.0), false, false, calls, resampled)
     loss, loss_error = mean_and_error(value, dtype)
     own = jnp.where(loss_error > 0, loss_error, scalar_error(noise))
     # The measurements' noise widens the tolerance only where the loss is noisy too: a
@@ -743,7 +754,17 @@ def judge(
     difference = loss - reference
     rose, inconclusive = verdict(difference, error, loss, reference, dtype)
     lowered = judging & (difference < -Z * error)
-    return Verdict(err, agree, judging & rose, judging & inconclusive, lowered, calls)
+    if value_fn is not None:
+        # Where it matters (the rule it decides), once per run: see the docstring.
+        probe = agree & inconclusive & (resampled == UNKNOWN) & jnp.isfinite(best.loss)
+
+        def again(_):
+            here = jnp.mean(jnp.asarray(value_fn(best.params), dtype))
+            return same_batch(here, best.loss.astype(dtype), dtype)
+
+        resampled = jax.lax.cond(probe, again, lambda _: resampled, None)
+        calls = calls + probe.astype(jnp.int32)
+    return Verdict(err, agree, judging & rose, judging & inconclusive, lowered, calls, resampled)
 
 
 def is_lost(skipped, value, buf: Buffers):
@@ -853,6 +874,7 @@ def schedule_step(
     resume: Any = False,
     err: Any = None,
     inconclusive: Any = False,
+    resampled: Any = False,
 ) -> NextSchedule:
     """The pure schedule rule, given this update's outcome (testable on its own).
 
@@ -861,7 +883,10 @@ def schedule_step(
     - any failure (a guard, a disagreement, an undo, a skipped true step) halves both;
     - a phase whose change of the loss was within its noise (`inconclusive`, mini-batches)
       keeps its length: it is no evidence either way (halving made phases collapse to one
-      step under noise; doubling let rises within the noise accumulate);
+      step under noise; doubling let rises within the noise accumulate); where the flow
+      agreed and batches are known to be `resampled`, its steps lengthen instead, up to
+      `NOISY_HORIZON` dt (the flow is the mean of the noisy steps, and its longer steps
+      cost no gradient: a longer phase could);
     - after a disagreement, `refresh` fresh true steps (the judging step counts, unless
       it was undone) come before the refit; after agreement the refit is at once, and
       so it is with `resume` (a disagreement under the engine's `drift` rule, or a
@@ -887,6 +912,9 @@ def schedule_step(
         length = jnp.where(by_error, scaled, length)
     grow = agree & (sch.length >= jnp.minimum(4 * cfg.first_length, cfg.max_length))
     horizon = jnp.where(grow, jnp.minimum(2 * sch.horizon, cfg.max_horizon), sch.horizon)
+    noisy_cap = min(NOISY_HORIZON, cfg.max_horizon)
+    stride = agree & inconclusive & resampled & (sch.horizon < noisy_cap)
+    horizon = jnp.where(stride, jnp.minimum(2 * sch.horizon, noisy_cap), horizon)
     horizon = jnp.where(failed, jnp.maximum(sch.horizon // 2, 1), horizon)
     # `refresh >= 2`, so no fit follows a disagreement at once.
     todo = jnp.where(disagree, cfg.refresh - (~undo).astype(jnp.int32), sch.todo - 1)

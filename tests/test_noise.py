@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from problems import least_squares
+from problems import MiniBatchProblem, least_squares
 
 import lgfjax
 from lgfjax import _noise
@@ -159,6 +159,40 @@ def test_noisy_run_stays_finite_and_converges(paired):
     floor = float(problem.full(problem.minimum))
     excess = problem.lr * 20 * 2 * 2 * floor / (4 * 32)
     assert float(problem.full(params)) <= floor + 3 * excess + 1e-3 * floor
+
+
+def test_same_batch_tells_rounding_from_resampling():
+    # The same sum in another order differs by a few ulps times its condition: SAME.
+    # A batch noise of 1e-3 relative is 2^13 float32 ulps: RESAMPLED.
+    f32 = jnp.float32
+    eps = float(jnp.finfo(f32).eps)
+    one = jnp.asarray(1.25, f32)
+    assert int(_noise.same_batch(one, one, f32)) == _noise.SAME
+    assert int(_noise.same_batch(one * (1 + 8 * eps), one, f32)) == _noise.SAME
+    assert int(_noise.same_batch(one * (1 + 1e-3), one, f32)) == _noise.RESAMPLED
+    assert int(_noise.same_batch(-one, one * (1 - 1e-3), f32)) == _noise.RESAMPLED
+
+
+class _FixedBatch(MiniBatchProblem):
+    def batch(self, seed, index, size):  # one batch for every gradient: deterministic
+        return MiniBatchProblem.batch(self, seed, 0, size)
+
+
+@pytest.mark.parametrize("resample", [True, False])
+def test_the_run_finds_out_whether_batches_are_resampled(resample):
+    # With value_fn, one evaluation of the best true point on a later batch tells a
+    # resampled objective from a fixed one; its run records which (`resampled`), at the
+    # cost of one value call counted in value_evaluations.
+    problem = least_squares() if resample else _FixedBatch(*least_squares())
+    opt = lgfjax.lgf(optax.sgd(problem.lr), dt=problem.lr)
+    calls = []
+    _, state = _run(opt, problem, 0, 400, calls=calls)
+    d = lgfjax.diagnostics(state)
+    assert int(d.value_evaluations) == len(calls)
+    if resample:
+        assert int(d.resampled) == _noise.RESAMPLED
+    else:
+        assert int(d.resampled) in (_noise.UNKNOWN, _noise.SAME)
 
 
 def test_a_wrong_flow_is_undone_under_noise():

@@ -313,6 +313,41 @@ def test_schedule_step_is_a_pure_rule(case, sch, code, agree, undo, expect):
     assert got + (bool(nxt.phase_over),) == expect, case
 
 
+@pytest.mark.parametrize(
+    "horizon, resampled, expect",
+    [(1, True, 2), (2, True, 2), (1, False, 1), (4, True, 4)],
+)
+def test_inconclusive_agreement_lengthens_steps_only_when_resampled(horizon, resampled, expect):
+    # A confirmed phase whose loss change was within its noise keeps its length; once
+    # the batches are known to be resampled its steps double, up to NOISY_HORIZON (2)
+    # and never below what they were. Integer arithmetic: exact.
+    from lgfjax._noise import NOISY_HORIZON
+    from lgfjax._verified import VerifiedConfig, schedule_step
+
+    assert NOISY_HORIZON == 2
+    cfg = VerifiedConfig(
+        fit=None,
+        max_step_ratio=3.0,
+        verify_tolerance=0.2,
+        first_length=10,
+        max_length=500,
+        max_horizon=8,
+        refresh=5,
+    )
+    t = jnp.asarray(True)
+    nxt = schedule_step(
+        _schedule(0, 1, 20, horizon, True),
+        cfg,
+        jnp.int32(0),
+        t,
+        jnp.asarray(False),
+        True,
+        inconclusive=t,
+        resampled=jnp.asarray(resampled),
+    )
+    assert (int(nxt.length), int(nxt.horizon), bool(nxt.failed)) == (20, expect, False)
+
+
 def test_eager_updates_compile_once():
     # Without a user's jit, `update` is one cached program: the second eager call
     # compiles nothing (issue 16: eager steps re-traced loops and diffrax, seconds each).
