@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, Int
 
 from ._fixed import LGFState
 from ._layout import HOST_VALUES, is_flat, jit_when
-from ._noise import scalar_error
+from ._noise import NOISE_FLOOR, RESAMPLED, scalar_error
 from ._status import STATUS_MESSAGES, Status
 from ._validate import _concrete, warn_once
 from ._verified import UNGATED_WARNING, VerifiedState
@@ -265,15 +265,23 @@ def _warn_once(key: str, message: str) -> None:
 
 def _warn_if_concrete(s: VerifiedState) -> None:
     info = s.info
-    if not all(_concrete(x) for x in (info.ungated, info.verified, info.verifications)):
+    counts = (info.ungated, info.verified, info.verifications, info.inconclusive)
+    if not all(_concrete(x) for x in (*counts, s.noise.resampled)):
         return
     if int(info.ungated) > 0:
         # The compiled step has no host callback (it would keep JAX's persistent
         # compilation cache from storing the user's step), so the warning is here.
         warnings.warn(UNGATED_WARNING, UserWarning, stacklevel=3)
     judged = int(info.verifications)
-    if judged >= RARELY_AFTER and int(info.verified) < RARELY * judged:
-        noise = float(s.model.noise) if _concrete(s.model.noise) else 0.0
+    noise = float(s.model.noise) if _concrete(s.model.noise) else 0.0
+    kept = int(info.verified)
+    if noise > NOISE_FLOOR or int(s.noise.resampled) == RESAMPLED:
+        # Under noise a phase whose loss change was within its noise is kept, and the
+        # run goes on at once even when one noisy true step disagreed with the flow: it
+        # saved its steps too. (A phase both confirmed and inconclusive counts twice, so
+        # this warns only where both are rare.)
+        kept += int(info.inconclusive)
+    if judged >= RARELY_AFTER and kept < RARELY * judged:
         why = (
             f" The recorded gradients are noisy (relative noise {noise:.2g}, as with small "
             "mini-batches): one true step says little about the learned flow, and phases "

@@ -289,3 +289,33 @@ def test_adam_surrogate_second_moment_does_not_decay_under_noise(noise, decays):
             assert bool(jnp.all(now[before > 0] < before[before > 0]))
         else:
             np.testing.assert_array_equal(np.asarray(now), np.asarray(before))
+
+
+@pytest.mark.parametrize(
+    "verified, inconclusive, resampled, warns",
+    [
+        (10, 0, _noise.UNKNOWN, True),  # 10 of 100 confirmed: saving little
+        (30, 0, _noise.UNKNOWN, False),
+        (10, 80, _noise.UNKNOWN, True),  # inconclusive phases count only under noise
+        (10, 80, _noise.RESAMPLED, False),  # kept within the noise, and the run went on
+        (5, 5, _noise.RESAMPLED, True),
+    ],
+)
+def test_rarely_confirmed_warning(monkeypatch, verified, inconclusive, resampled, warns):
+    import warnings
+
+    from lgfjax import _validate
+
+    monkeypatch.setattr(_validate, "_WARNED", set())
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1)
+    state = opt.init(jnp.zeros(3))
+    i = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    info = state.info._replace(
+        verifications=i(100), verified=i(verified), inconclusive=i(inconclusive)
+    )
+    state = state._replace(info=info, noise=state.noise._replace(resampled=i(resampled)))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        lgfjax.diagnostics(state)
+    said = [str(w.message) for w in record if "were confirmed" in str(w.message)]
+    assert bool(said) == warns, said
