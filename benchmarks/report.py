@@ -742,6 +742,21 @@ def _note_default(r: dict, base: dict, goal: float) -> str:
     return "; ".join(parts)
 
 
+def _reruns(meta: dict) -> list[str]:
+    """Lines naming the examples rerun on their own since the whole report (the
+    ``<key>_rerun`` entries of `meta`, merged by hand), with their date and machine."""
+    lines = []
+    for key, m in meta.items():
+        if key.endswith("_rerun") and isinstance(m, dict):
+            dirty = " (uncommitted changes present)" if m.get("dirty") else ""
+            lines.append(
+                f"The `{key[: -len('_rerun')]}` rows were rerun on their own on {m['date']}, "
+                f"commit `{m['commit']}`{dirty}; {m['machine']}; load average "
+                f"{m['load_start']} to {m['load_end']}."
+            )
+    return ["", *lines] if lines else []
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
@@ -756,6 +771,7 @@ def markdown(results: dict) -> str:
         f"Whole report: {meta['total_seconds']:.0f} s. The counts repeat bitwise on one "
         "machine; on another CPU the generated code rounds differently, and a phase judged "
         "near its tolerance can move a count (the FAQ's answer on other machines).",
+        *_reruns(meta),
         "",
         "Columns: *true evals to target* counts gradient (Newton: gradient + Hessian) "
         "evaluations consumed before the first iterate meeting the target; *saved* is "
