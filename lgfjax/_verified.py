@@ -483,6 +483,7 @@ def verified_update(
         step,
         measured,
         cfg,
+        lost,
     )
     fit_ok = nxt.want_fit & (fit_info.status == OK)
     fit_failed = nxt.want_fit & (fit_info.status != OK)
@@ -941,12 +942,17 @@ def fit_model(
     last_step,
     measure,
     cfg,
+    retreated: Any = False,
 ):
     """``(model, anchor, info)`` refitted to the buffered pairs if `when` (once or never).
 
     The POD is centred at ``start.params + last_step`` (where the next surrogate step
     starts), which with the rest of `start` becomes the anchor of the phase if the fit
-    succeeds; the trust region is `max_step_ratio` times the last step;
+    succeeds; the trust region is `max_step_ratio` times the last step, and after a
+    retreat (`retreated`: the last step is the way back from an undefined loss, not a
+    step of the base) at most half the trust region of the model whose phase ran into
+    it: the same pairs refit the same flow, whose step would land there again (heat
+    example at 3x its steps: 1,000 updates of that loop, a gradient every other one);
     the drift (if kept) is the part of ``measure()``, the last true step's measurement,
     outside the new basis. Model and anchor are written inside the loop, so an update
     that does not fit touches neither. ``info.status`` is the fit's status (`OK` when
@@ -957,7 +963,7 @@ def fit_model(
     fit_cfg = dataclasses.replace(cfg.fit, rank=rank)  # "auto" was resolved at init
 
     def do_fit(carry):
-        ((_, basis, origin, _, drift, drift_sq, out_basis, _), anchor), _ = carry
+        ((_, basis, origin, old_bound, drift, drift_sq, out_basis, _), anchor), _ = carry
         at = optax.tree.add(start.params, last_step)
         o = None if origin is None else optax.tree.cast_like(at, origin)
         # The measurements' noise counts only where the loss is noisy too: a deterministic
@@ -974,6 +980,9 @@ def fit_model(
             if cfg.max_step_ratio is None
             else (cfg.max_step_ratio * scale).astype(dtype)
         )
+        # (No model yet, bound 0: the base's own step ran into it; nothing to halve.)
+        halve = retreated & (old_bound > 0)
+        bound = jnp.where(halve, jnp.minimum(bound, old_bound / 2), bound).astype(dtype)
         new_basis = optax.tree.cast_like(fit.basis, basis)
         if drift is not None:
             measured = measure()

@@ -1,0 +1,69 @@
+"""A flow that steps into an undefined loss is not refitted to step there again.
+
+The heat example's default, run to 3x its steps (on one machine's rounding), converged
+and then had a surrogate step land at a negative conductivity (an undefined misfit).
+The true step there found no finite gradient and retreated to the last recorded
+iterate; the refit on the same pairs gave the same flow, and its trust region, sized by
+the retreat itself, let it take the same step again: its last 1,000 updates alternated
+between those two points, a gradient every other update. After a retreat the refit's
+trust region is now at most half that of the model that ran into it
+(`lgfjax._verified.fit_model`, `retreated`).
+"""
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+import lgfjax
+from lgfjax import _lgf
+from lgfjax._verified import Anchor, fit_model
+
+
+def _fitted(monkeypatch):
+    """A verified `lgf(sgd)` state in its first surrogate phase, and its config."""
+    seen = {}
+    make = _lgf.make_verified
+
+    def capture(**kwargs):
+        seen["cfg"] = kwargs["cfg"]
+        return make(**kwargs)
+
+    monkeypatch.setattr(_lgf, "make_verified", capture)
+    opt = lgfjax.lgf(optax.sgd(0.1), dt=0.1)
+    scale = jnp.array([1.0, 2.0, 3.0])
+    loss = lambda x: 0.5 * jnp.sum(scale * x**2)  # noqa: E731
+    params = jnp.array([1.0, -1.0, 0.5])
+    state = opt.init(params)
+    while int(state.schedule.phase) == 0:
+        value, grads = lgfjax.value_and_grad(loss)(params, state)
+        updates, state = opt.update(grads, state, params, value=value)
+        params = optax.apply_updates(params, updates)
+    return seen["cfg"], state, params
+
+
+@pytest.mark.parametrize("retreated", [False, True])
+def test_refit_after_a_retreat_halves_the_trust_region(monkeypatch, retreated):
+    cfg, state, params = _fitted(monkeypatch)
+    old = float(state.model.step_bound)
+    assert 0 < old < float("inf")
+    # A long way back, as a retreat is: sized alone, it would allow a step of
+    # max_step_ratio x 100.
+    way_back = jnp.full_like(params, 100.0 / jnp.sqrt(params.size))
+    start = Anchor(params, state.base_state, jnp.asarray(1.0), jnp.asarray(0.0))
+    model, _, info = fit_model(
+        jnp.asarray(True),
+        state.model,
+        state.info,
+        state.buffers,
+        start,
+        state.anchor,
+        way_back,
+        lambda: way_back,
+        cfg,
+        jnp.asarray(retreated),
+    )
+    assert int(info.status) == int(lgfjax.Status.OK)
+    sized = cfg.max_step_ratio * 100.0  # |way_back| = 100 (to rounding)
+    expect = min(sized, old / 2) if retreated else sized
+    # The bound is computed in the fit's float64 from |way_back|: a few ulps.
+    assert float(model.step_bound) == pytest.approx(expect, rel=1e-12)
