@@ -45,7 +45,8 @@ RISE_WEIGHT = 0.1
 # Below this relative noise, measurements count as exact (no change to any rule).
 NOISE_FLOOR = 0.1
 # What is known of the batches (`LossNoise.resampled`): nothing yet, one fixed objective
-# (a point's loss is the same at every true step), or a batch drawn per true step.
+# (a point's loss is the same at every true step: the loss then has no noise, and its
+# rises are judged as rises), or a batch drawn per true step.
 UNKNOWN, SAME, RESAMPLED = 0, 1, 2
 # Once batches are known to be resampled, a confirmed phase whose change of the loss was
 # within its noise lengthens its steps to this many `dt` (mini-batches: the learned flow

@@ -67,6 +67,7 @@ from ._noise import (
     NOISY_HORIZON,
     PAIRED_MIN_LENGTH,
     RESAMPLED,
+    SAME,
     UNKNOWN,
     LossNoise,
     Z,
@@ -731,13 +732,17 @@ def judge(judging, length, model: Model, params, measure, value, value_fn, state
         return Verdict(err, agree, judging & ~(err <= 1.0), false, false, calls, resampled)
     loss, loss_error = mean_and_error(value, dtype)
     own = jnp.where(loss_error > 0, loss_error, scalar_error(noise))
+    # A run found to minimise one fixed objective has no loss noise: its rises (Adam's
+    # oscillation, a log-loss's long steps near its minimum) are rises.
+    fixed = noise.resampled == SAME
+    own = jnp.where(fixed, 0, own)
     # The measurements' noise widens the tolerance only where the loss is noisy too: a
     # deterministic descent's rough measurements (projected or clipped steps) are not
     # noise (topology: the default no longer reached its target with it).
     noise_level = jnp.where(own > 0, model.noise, 0)
     agree = judging & (err <= agreement_tolerance(cfg.verify_tolerance, noise_level))
     # Losses from different batches: their standard errors add.
-    error = jnp.sqrt(own**2 + anchor.loss_error**2)
+    error = jnp.where(fixed, 0, jnp.sqrt(own**2 + anchor.loss_error**2))
     reference = anchor.loss
     if value_fn is not None:
         # Where that leaves a phase of some length in doubt, its start is evaluated on

@@ -67,3 +67,23 @@ def test_refit_after_a_retreat_halves_the_trust_region(monkeypatch, retreated):
     expect = min(sized, old / 2) if retreated else sized
     # The bound is computed in the fit's float64 from |way_back|: a few ulps.
     assert float(model.step_bound) == pytest.approx(expect, rel=1e-12)
+
+
+@pytest.mark.parametrize("resampled, undone", [(0, False), (1, True)])
+def test_a_fixed_objective_has_no_loss_noise(monkeypatch, resampled, undone):
+    # A rise of 0.5 against a loss noise of 2 (the rises' root mean square) is within
+    # the noise: inconclusive, kept. Once the run has found its objective fixed
+    # (`resampled` 1, `_noise.SAME`), the same rise is a rise: the phase is undone.
+    from lgfjax._verified import judge
+
+    cfg, state, params = _fitted(monkeypatch)
+    i = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    noise = state.noise._replace(rise2=jnp.asarray(4.0), resampled=i(resampled))
+    anchor = state.anchor._replace(loss=jnp.asarray(1.0), loss_error=jnp.asarray(0.0))
+    state = state._replace(noise=noise, anchor=anchor)
+    measured = lambda: jnp.zeros_like(params)  # noqa: E731
+    found = judge(
+        jnp.asarray(True), i(1), state.model, params, measured, jnp.asarray(1.5), None, state, cfg
+    )
+    assert bool(found.undo) == undone
+    assert bool(found.inconclusive) == (not undone)
