@@ -698,8 +698,9 @@ def judge(judging, length, model: Model, params, measure, value, value_fn, state
     (`state.best`) on this batch, once per run (one more value evaluation): its loss there is
     the one recorded at it if the objective is one fixed function, else the batches are
     resampled (`_noise.same_batch`). Only a run known to be resampled lengthens its steps
-    on such verdicts (`schedule_step`): a deterministic run's inconclusive verdicts (the
-    rises of Adam's own oscillation read as noise) keep the rule they had.
+    on such verdicts (`schedule_step`); a run known to minimise one fixed objective has
+    no loss noise from then on, so its rises (Adam's own oscillation, read as noise
+    until then) are judged as rises.
     """
     dtype = model.coefficients.dtype
     anchor, noise, best = state.anchor, state.noise, state.best

@@ -279,6 +279,21 @@ def _schedule(phase, todo, length, horizon, verify):
     )
 
 
+def _rule_config():
+    """Static settings for the pure schedule rule (no fit runs)."""
+    from lgfjax._verified import VerifiedConfig
+
+    return VerifiedConfig(
+        fit=None,
+        max_step_ratio=3.0,
+        verify_tolerance=0.2,
+        first_length=10,
+        max_length=500,
+        max_horizon=8,
+        refresh=5,
+    )
+
+
 @pytest.mark.parametrize(
     "case, sch, code, agree, undo, expect",
     [
@@ -295,17 +310,9 @@ def _schedule(phase, todo, length, horizon, verify):
 )
 def test_schedule_step_is_a_pure_rule(case, sch, code, agree, undo, expect):
     # Integer arithmetic only: every field is exact.
-    from lgfjax._verified import VerifiedConfig, schedule_step
+    from lgfjax._verified import schedule_step
 
-    cfg = VerifiedConfig(
-        fit=None,
-        max_step_ratio=3.0,
-        verify_tolerance=0.2,
-        first_length=10,
-        max_length=500,
-        max_horizon=8,
-        refresh=5,
-    )
+    cfg = _rule_config()
     nxt = schedule_step(
         _schedule(*sch), cfg, jnp.int32(code), jnp.asarray(agree), jnp.asarray(undo), True
     )
@@ -322,18 +329,10 @@ def test_inconclusive_agreement_lengthens_steps_only_when_resampled(horizon, res
     # the batches are known to be resampled its steps double, up to NOISY_HORIZON (2)
     # and never below what they were. Integer arithmetic: exact.
     from lgfjax._noise import NOISY_HORIZON
-    from lgfjax._verified import VerifiedConfig, schedule_step
+    from lgfjax._verified import schedule_step
 
     assert NOISY_HORIZON == 2
-    cfg = VerifiedConfig(
-        fit=None,
-        max_step_ratio=3.0,
-        verify_tolerance=0.2,
-        first_length=10,
-        max_length=500,
-        max_horizon=8,
-        refresh=5,
-    )
+    cfg = _rule_config()
     t = jnp.asarray(True)
     nxt = schedule_step(
         _schedule(0, 1, 20, horizon, True),
