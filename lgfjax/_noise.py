@@ -46,7 +46,9 @@ RISE_WEIGHT = 0.1
 NOISE_FLOOR = 0.1
 # What is known of the batches (`LossNoise.resampled`): nothing yet, one fixed objective
 # (a point's loss is the same at every true step: the loss then has no noise, and its
-# rises are judged as rises), or a batch drawn per true step.
+# rises are judged as rises), or a batch drawn per true step. `RESAMPLED` is final;
+# `SAME` is checked again on a rise, at most once per doubling of the run's gradients
+# (see `same_batch`).
 UNKNOWN, SAME, RESAMPLED = 0, 1, 2
 # Once batches are known to be resampled, a confirmed phase whose change of the loss was
 # within its noise lengthens its steps to this many `dt` (mini-batches: the learned flow
@@ -61,6 +63,7 @@ class LossNoise(NamedTuple):
     last_count: Int[Array, ""]  # update count of that step
     rise2: Float[Array, ""]  # running mean of squared rises between consecutive ones
     resampled: Int[Array, ""]  # `UNKNOWN`, `SAME` or `RESAMPLED` (see `same_batch`)
+    checked: Int[Array, ""]  # true gradients counted when `resampled` was last checked
 
 
 def init_loss_noise(dtype) -> LossNoise:
@@ -69,6 +72,7 @@ def init_loss_noise(dtype) -> LossNoise:
         jnp.full((), -2, jnp.int32),
         jnp.zeros((), dtype),
         jnp.full((), UNKNOWN, jnp.int32),
+        jnp.zeros((), jnp.int32),
     )
 
 
@@ -97,6 +101,7 @@ def track(noise: LossNoise, is_true, count, loss) -> LossNoise:
         jnp.where(is_true, count, noise.last_count).astype(jnp.int32),
         rise2.astype(noise.rise2.dtype),
         noise.resampled,
+        noise.checked,
     )
 
 
@@ -106,8 +111,11 @@ def same_batch(again, recorded, dtype):
 
     The same objective gives the same value up to the rounding of its sum in another
     order (another compiled function): a few ulps times the sum's condition. Values that
-    differ by more than ``sqrt(eps)`` relative came from different batches; batch noise
-    smaller than that is too small to decide a verdict, so calling it `SAME` is harmless.
+    differ by more than ``sqrt(eps)`` relative came from different batches. Batch noise
+    below that can still grow later, relative to the loss: a classifier's first
+    cross-entropies are near ``log(10)`` on every batch (two batches' means 5e-5 apart
+    relative, in float32 under ``sqrt(eps)`` = 3.5e-4), far apart once it has fallen.
+    So `SAME` is not final: the engine checks it again on a rise (`_verified.judge`).
     """
     tol = jnp.sqrt(jnp.finfo(dtype).eps) * jnp.maximum(jnp.abs(again), jnp.abs(recorded))
     same = jnp.abs(again - recorded) <= tol

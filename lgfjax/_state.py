@@ -119,8 +119,9 @@ class Diagnostics(NamedTuple):
       deterministic objective, about 1 or more for small mini-batches) and the
       loss's standard error at the last true step;
     - `resampled`: what the run found of its batches: 0 not known yet, 1 one fixed
-      objective, 2 a batch drawn per true step (checked once, with `value_fn`, on the
-      first confirmed phase whose change of the loss was within its noise);
+      objective, 2 a batch drawn per true step (checked with `value_fn` on the first
+      confirmed phase whose change of the loss was within its noise; 1 is checked again
+      on a rise, at most once per doubling of the gradients; 2 is final);
     - `next_phase_length`: the length planned for the next surrogate phase (fixed
       schedule: surrogate steps per cycle);
     - `returns`: how often the run went back to its best true point after staying far

@@ -87,3 +87,40 @@ def test_a_fixed_objective_has_no_loss_noise(monkeypatch, resampled, undone):
     )
     assert bool(found.undo) == undone
     assert bool(found.inconclusive) == (not undone)
+
+
+@pytest.mark.parametrize(
+    "gradients, checked, again, expect, calls",
+    [
+        (30, 17, 1.0, 1, 0),  # 30 < 2 x 17: no check yet, still one fixed objective
+        (34, 17, 1.0, 1, 1),  # checked again: the same value, still SAME
+        (34, 17, 1.1, 2, 1),  # checked again: another value, so resampled
+        (34, 0, 1.1, 2, 1),
+    ],
+)
+def test_one_fixed_objective_is_checked_again_on_a_rise(
+    monkeypatch, gradients, checked, again, expect, calls
+):
+    # A digits classifier's first cross-entropies are near log(10) on every batch: the
+    # check after 17 gradients read one fixed objective. A rise then re-evaluates the
+    # best point on this batch, at most once per doubling of the gradients since the
+    # last check; a value other than the one recorded there means resampled (final).
+    from lgfjax._verified import judge
+
+    cfg, state, params = _fitted(monkeypatch)
+    i = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    noise = state.noise._replace(resampled=i(1), checked=i(checked))
+    anchor = state.anchor._replace(loss=jnp.asarray(1.0), loss_error=jnp.asarray(0.0))
+    best = state.best._replace(loss=jnp.asarray(1.0, state.best.loss.dtype))
+    info = state.info._replace(gradient_evaluations=i(gradients))
+    state = state._replace(noise=noise, anchor=anchor, best=best, info=info)
+    measured = lambda: jnp.zeros_like(params)  # noqa: E731
+    value_fn = lambda p: jnp.asarray(again)  # noqa: E731
+    found = judge(
+        jnp.asarray(True), i(1), state.model, params, measured, jnp.asarray(1.5), value_fn,
+        state, cfg,
+    )  # fmt: skip
+    assert bool(found.undo)  # a rise of 0.5 with no loss noise: undone either way
+    assert int(found.resampled) == expect
+    assert int(found.value_calls) == calls
+    assert int(found.checked) == (gradients if calls else checked)
