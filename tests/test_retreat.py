@@ -8,6 +8,10 @@ the retreat itself, let it take the same step again: its last 1,000 updates alte
 between those two points, a gradient every other update. After a retreat the refit's
 trust region is now at most half that of the model that ran into it
 (`lgfjax._verified.fit_model`, `retreated`).
+
+The same first-phase state also tests `judge` on what a run knows of its objective:
+one fixed objective has no loss noise (its rises are undone), and that knowledge is
+checked again on a rise (`lgfjax._noise.same_batch`, `LossNoise.checked`).
 """
 
 import jax.numpy as jnp
