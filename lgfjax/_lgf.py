@@ -438,6 +438,7 @@ def build_engine(
                 target_basis=target_basis,
                 resume_on_drop=resume_on_drop,
                 length_from_error=length_from_error,
+                step_time=None if record_gradients else dt,
             ),
             buffer_dtype=buffer_dtype,
             restore_fn=restore_fn,
@@ -523,6 +524,7 @@ def verified_config(
     target_basis=False,
     resume_on_drop=False,
     length_from_error=False,
+    step_time=None,
 ):
     """Check the verified schedule's own options and build its `VerifiedConfig`."""
     for name, value, hint in (
@@ -562,4 +564,5 @@ def verified_config(
         target_basis=target_basis and fit.rank is not None,
         resume_on_drop=resume_on_drop,
         length_from_error=length_from_error,
+        step_time=step_time,
     )

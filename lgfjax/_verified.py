@@ -67,6 +67,7 @@ from ._noise import (
     NOISY_HORIZON,
     PAIRED_MIN_LENGTH,
     RESAMPLED,
+    ROUNDING,
     SAME,
     UNKNOWN,
     LossNoise,
@@ -188,6 +189,9 @@ class VerifiedConfig(NamedTuple):
     # the next phase length from the judged error, length * tol / err (clipped to
     # [length / 2, 2 length]), for judged phases that were not undone
     length_from_error: bool = False
+    # The time that turns a recorded target into a step (`dt` for velocity targets;
+    # None for gradients): a flow error within the parameters' rounding is no error.
+    step_time: float | None = None
 
 
 def _surrogate_model(model: Model, degree, include_bias, params) -> SurrogateModel:
@@ -415,7 +419,13 @@ def verified_update(
     judging = is_true & sch.verify
     found = judge(judging, sch.length, model, params, measured, value, value_fn, state, cfg)
     err, agree = found.error, found.agree
-    loss, loss_error, noise = observe(value, state.noise, is_true & ~skipped, sch.count, dtype)
+    # A kept phase's change samples the loss noise too, unless batches are known to be
+    # resampled (there consecutive true steps sample it, and a phase's descent would
+    # bias it low): see `_noise.track`.
+    kept = judging & ~found.undo & (found.resampled != RESAMPLED)
+    loss, loss_error, noise = observe(
+        value, state.noise, is_true & ~skipped, sch.count, dtype, kept
+    )
     noise = noise._replace(resampled=found.resampled, checked=found.checked)
     # A stay far above the best true loss ends back at the best true point (`_best`).
     go_back, above = watch(state.best, is_true & ~skipped, loss, K)
@@ -520,13 +530,13 @@ def verified_update(
     return optax.tree.cast_like(step, updates), new_state
 
 
-def observe(value, noise: LossNoise, is_true, count, dtype):
+def observe(value, noise: LossNoise, is_true, count, dtype, kept=False):
     """``(loss, standard error, noise)``: this update's mean loss (inf if unknown), its
     standard error, and the loss-noise tracker after it (`lgfjax._noise`)."""
     if value is None:
         return jnp.asarray(jnp.inf, dtype), jnp.zeros((), dtype), noise
     loss, error = mean_and_error(value, dtype)
-    noise = track(noise, is_true, count, loss)
+    noise = track(noise, is_true, count, loss, kept)
     error = jnp.where(error > 0, error, scalar_error(noise))
     return jnp.where(jnp.isfinite(loss), loss, jnp.inf), error, noise
 
@@ -726,15 +736,25 @@ def judge(judging, length, model: Model, params, measure, value, value_fn, state
             total = optax.tree.norm(measured).astype(dtype)
             outside2 = jnp.maximum(total**2 - optax.tree.norm(seen) ** 2, 0)
             size = jnp.where(total > 0, total, 1.0)
-            return (jnp.sqrt(inside**2 + outside2) / size).astype(dtype)
-        return _relative_error(predicted, seen).astype(dtype)
+            return (jnp.sqrt(inside**2 + outside2) / size).astype(dtype), jnp.asarray(False)
+        err = _relative_error(predicted, seen).astype(dtype)
+        if cfg.step_time is None:
+            return err, jnp.asarray(False)
+        # The predicted and the measured step differ by less than the parameters'
+        # rounding: a converged base's steps are rounding, which no flow predicts.
+        miss = optax.tree.norm(optax.tree.sub(predicted, seen)) * cfg.step_time
+        size = optax.tree.norm(params)
+        rounding = ROUNDING * jnp.finfo(dtype).eps * size
+        return err, (miss <= rounding) & jnp.isfinite(size)
 
-    err = jax.lax.cond(judging, flow_error, lambda _: jnp.zeros((), dtype), None)
+    err, within_rounding = jax.lax.cond(
+        judging, flow_error, lambda _: (jnp.zeros((), dtype), jnp.asarray(False)), None
+    )
     err = jnp.where(jnp.isfinite(err), err, jnp.inf)
     false, calls = jnp.asarray(False), jnp.zeros((), jnp.int32)
     resampled = noise.resampled
     if value is None:
-        agree = judging & (err <= cfg.verify_tolerance)
+        agree = judging & ((err <= cfg.verify_tolerance) | within_rounding)
         return Verdict(
             err, agree, judging & ~(err <= 1.0), false, false, calls, resampled, noise.checked
         )
@@ -748,7 +768,9 @@ def judge(judging, length, model: Model, params, measure, value, value_fn, state
     # deterministic descent's rough measurements (projected or clipped steps) are not
     # noise (topology: the default no longer reached its target with it).
     noise_level = jnp.where(own > 0, model.noise, 0)
-    agree = judging & (err <= agreement_tolerance(cfg.verify_tolerance, noise_level))
+    agree = judging & (
+        (err <= agreement_tolerance(cfg.verify_tolerance, noise_level)) | within_rounding
+    )
     # Losses from different batches: their standard errors add.
     error = jnp.where(fixed, 0, jnp.sqrt(own**2 + anchor.loss_error**2))
     reference = anchor.loss

@@ -319,3 +319,21 @@ def test_rarely_confirmed_warning(monkeypatch, verified, inconclusive, resampled
         lgfjax.diagnostics(state)
     said = [str(w.message) for w in record if "were confirmed" in str(w.message)]
     assert bool(said) == warns, said
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_loss_noise_follows_kept_phases(kept):
+    # One early rise of 10 between consecutive true steps sets the rises' mean square
+    # to 0.1 x 100. Then only judging steps (every 5th update), each loss lower than
+    # the last: counted as samples (kept phases), each multiplies it by 0.9; not
+    # counted (the tracker before), it stays for good.
+    f64 = jnp.float64
+    noise = _noise.init_loss_noise(f64)
+    noise = _noise.track(noise, True, 0, jnp.asarray(1.0, f64))
+    noise = _noise.track(noise, True, 1, jnp.asarray(11.0, f64))
+    assert float(noise.rise2) == pytest.approx(10.0, rel=1e-15)  # 0.1 x 10^2, rounded once
+    for k in range(1, 49):
+        noise = _noise.track(noise, True, 1 + 5 * k, jnp.asarray(11.0 - 0.01 * k, f64), kept)
+    # 48 multiplications by 0.9, each rounded: well within 1e-12 relative.
+    expect = 10.0 * 0.9**48 if kept else 10.0
+    assert float(noise.rise2) == pytest.approx(expect, rel=1e-12)

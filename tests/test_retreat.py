@@ -128,3 +128,28 @@ def test_one_fixed_objective_is_checked_again_on_a_rise(
     assert int(found.resampled) == expect
     assert int(found.value_calls) == calls
     assert int(found.checked) == (gradients if calls else checked)
+
+
+@pytest.mark.parametrize("size, agree", [(1e-3, True), (1e3, False)])
+def test_a_flow_error_within_the_parameters_rounding_is_no_error(monkeypatch, size, agree):
+    # A converged base's steps are the parameters' rounding, which no flow predicts:
+    # a flow that stands still (all coefficients zero) against a measured step of
+    # `size` times that rounding (64 eps |params|; the velocity is the step over dt) is
+    # 100 % wrong relative to it, and agrees when the step is within the rounding.
+    from lgfjax._noise import ROUNDING
+    from lgfjax._verified import judge
+
+    cfg, state, params = _fitted(monkeypatch)
+    assert cfg.step_time == pytest.approx(0.1)
+    model = state.model._replace(coefficients=jnp.zeros_like(state.model.coefficients))
+    dtype = model.coefficients.dtype
+    rounding = ROUNDING * jnp.finfo(dtype).eps * jnp.linalg.norm(params)
+    direction = jnp.ones_like(params) / jnp.sqrt(params.size)
+    if model.basis is not None:  # a step the model's coordinates see in full
+        direction = model.basis[0]
+    step = size * rounding * direction
+    measured = lambda: step / cfg.step_time  # noqa: E731
+    i = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    found = judge(jnp.asarray(True), i(1), model, params, measured, None, None, state, cfg)
+    assert float(found.error) == pytest.approx(1.0, rel=1e-6)  # |0 - v| / |v|
+    assert bool(found.agree) == agree
