@@ -4,7 +4,9 @@ The guarantee, in one line: **the loss at true steps never stays above the bound
 more than `history_size` true steps in a row; if it would, the run returns to the best
 true point and the base's own state there, and its next phases are short**; once per
 best point (from it the base's own steps may rise again, and a second return would
-replay them). The bound is the best true loss so far plus the smaller of
+replay them). `lgf_adam` returns with the larger of the two second moments, the kept
+one and the one the run reached (`lgfjax._adam.adam_return`): the stay's gradients
+are what keeps Adam's steps from replaying the rise. The bound is the best true loss so far plus the smaller of
 
 - 9 times that loss (where it is positive: 10x the best, for losses whose minimum is
   0, such as least squares), and
@@ -86,12 +88,18 @@ def watch(best: Best, is_true, loss, patience: int) -> tuple[Bool[Array, ""], An
     return go_back, jnp.where(go_back, 0, above).astype(jnp.int32)
 
 
-def back_to_best(go_back, best: Best, params, step, base_state):
-    """``(step, base_state)`` that lead to the best true point (once or never)."""
+def back_to_best(go_back, best: Best, params, step, base_state, return_fn=None):
+    """``(step, base_state)`` that lead to the best true point (once or never).
+
+    The base state there is the one kept with it, or ``return_fn(kept, base_state)``
+    given the state the run reached (a front end's choice: `lgf_adam` keeps the larger
+    second moment, see `lgfjax._adam.adam_return`).
+    """
 
     def back(_):
         way = optax.tree.sub(optax.tree.cast_like(best.params, params), params)
-        return optax.tree.cast_like(way, step), best.base_state
+        kept = best.base_state if return_fn is None else return_fn(best.base_state, base_state)
+        return optax.tree.cast_like(way, step), kept
 
     return once_or_never(go_back, back, (step, base_state))
 
