@@ -6,7 +6,9 @@ true point and the base's own state there, and its next phases are short**; once
 best point (from it the base's own steps may rise again, and a second return would
 replay them). `lgf_adam` returns with the larger of the two second moments, the kept
 one and the one the run reached (`lgfjax._adam.adam_return`): the stay's gradients
-are what keeps Adam's steps from replaying the rise. The bound is the best true loss so far plus the smaller of
+are what keeps Adam's steps from replaying the rise.
+
+The bound is the best true loss so far plus the smaller of
 
 - 9 times that loss (where it is positive: 10x the best, for losses whose minimum is
   0, such as least squares), and

@@ -413,7 +413,8 @@ def verified_update(
     if _simulated_devices():
         host_warning(ungated)
     skipped = is_true & (code == NONFINITE_GRADIENT)
-    backoff, probing, scale = back_off(sch, is_true & ~skipped)
+    took = is_true & ~skipped  # a true step that reached the parameters
+    backoff, probing, scale = back_off(sch, took)
     # 2. The first true step after a phase judges it, for free. What the true step
     # measured (from its step before `back_off`'s power-of-two scale, exactly) is
     # computed where it is used (the judgement, the record, the fit), each taken only
@@ -426,16 +427,13 @@ def verified_update(
     judging = is_true & sch.verify
     found = judge(judging, sch.length, model, params, measured, value, value_fn, state, cfg)
     err, agree = found.error, found.agree
-    # A kept phase's change samples the loss noise too, unless batches are known to be
-    # resampled (there consecutive true steps sample it, and a phase's descent would
-    # bias it low): see `_noise.track`.
-    kept = judging & ~found.undo & (found.resampled != RESAMPLED)
-    loss, loss_error, noise = observe(
-        value, state.noise, is_true & ~skipped, sch.count, dtype, kept
-    )
+    # A kept phase samples the loss noise too, unless resampled (see `_noise.track`).
+    resampled = found.resampled == RESAMPLED
+    kept = judging & ~found.undo & ~resampled
+    loss, loss_error, noise = observe(value, state.noise, took, sch.count, dtype, kept)
     noise = noise._replace(resampled=found.resampled, checked=found.checked)
     # A stay far above the best true loss ends back at the best true point (`_best`).
-    go_back, above = watch(state.best, is_true & ~skipped, loss, K)
+    go_back, above = watch(state.best, took, loss, K)
     # An undefined loss sends the iterate back to the last true iterate (below), which
     # beats undoing to an anchor that may itself be the undefined point.
     lost = is_lost(skipped, value, state.buffers)
@@ -445,8 +443,8 @@ def verified_update(
     undo = undo | go_back
     disagree = judging & ~agree
     # With `drift`, a phase that lowered the loss keeps going after a refit at once.
-    # After a retreat the learned flow takes over at once (where the base's own step
-    # just overshot into an undefined loss, repeating it would only do so again).
+    # After a retreat the learned flow takes over at once (the base's own step just
+    # overshot into an undefined loss: repeating it would only do so again).
     resume = lost
     if (cfg.drift or cfg.resume_on_drop) and value is not None:
         resume = resume | (disagree & ~undo & found.lowered)
@@ -462,20 +460,11 @@ def verified_update(
     code = jnp.where(go_back, RETURNED_TO_BEST, code)
     # 3. Record the pair (never a point that is being undone, nor a skipped step), then
     # read the buffer for a retreat: in-place writes come before reads (see `tied`).
-    buffers = record(state.buffers, is_true & ~undo & ~skipped, params, measured, sch.count)
+    buffers = record(state.buffers, took & ~undo, params, measured, sch.count)
     step = retreat(lost, buffers, params, step)
     # 4. The schedule; 5. the fit, once or never, where the next step starts.
     nxt = schedule_step(
-        sch,
-        cfg,
-        code,
-        agree,
-        undo,
-        buffers.filled >= K,
-        resume,
-        err,
-        found.inconclusive,
-        found.resampled == RESAMPLED,
+        sch, cfg, code, agree, undo, buffers.filled >= K, resume, err, found.inconclusive, resampled
     )
     # After a return, the phases start short again.
     nxt = nxt._replace(
@@ -483,10 +472,10 @@ def verified_update(
         horizon=jnp.where(go_back, 1, nxt.horizon).astype(jnp.int32),
     )
     best = tied(state.best, (step, base_state), buffers.head < 0)
-    new_best = is_true & ~skipped & ~go_back & (loss < best.loss)
+    new_best = took & ~go_back & (loss < best.loss)
     best = keep_best(best, new_best, params, state.base_state, loss, loss_error, above, go_back)
     # After a return, the next phase's reference loss is the best one's. (After an undo
-    # it stays the loss of the point undone: see docs/design.md, "A run that spikes".)
+    # it stays the loss of the point undone.)
     loss = jnp.where(go_back, state.best.loss, loss)
     loss_error = jnp.where(go_back, state.best.error, loss_error)
     # The fit writes the model and the anchor in place: ordered after their reads.

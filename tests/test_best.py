@@ -96,7 +96,9 @@ def test_lgf_adam_returns_with_the_larger_second_moment(amsgrad):
 
     def state(count, mu, nu):
         nu = jnp.asarray(nu)
-        return AdamState(jnp.asarray(count, jnp.int32), jnp.asarray(mu), nu, nu if amsgrad else None)
+        return AdamState(
+            jnp.asarray(count, jnp.int32), jnp.asarray(mu), nu, nu if amsgrad else None
+        )
 
     kept = state(7, [1.0, -2.0, 3.0], [4.0, 1.0, 9.0])
     reached = state(12, [5.0, 5.0, 5.0], [2.0, 6.0, 9.5])
@@ -105,9 +107,7 @@ def test_lgf_adam_returns_with_the_larger_second_moment(amsgrad):
     best = init_best(jnp.array([0.5, 0.0, -1.0]), kept, jnp.float64, copy)
     for go_back in (True, False):
         way, got = back_to_best(jnp.asarray(go_back), best, params, step, reached, adam_return)
-        want = (
-            state(7, [1.0, -2.0, 3.0], [4.0, 6.0, 9.5]) if go_back else reached
-        )
+        want = state(7, [1.0, -2.0, 3.0], [4.0, 6.0, 9.5]) if go_back else reached
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(params + way, best.params if go_back else params)
