@@ -100,28 +100,6 @@ def adam_restore(b1):
     return restore_fn
 
 
-def adam_return(best_state: AdamState, state: AdamState) -> AdamState:
-    """``return_fn`` of the verified engine: the Adam state a return to the best true
-    point starts from.
-
-    The state kept there, with the larger of its second moment and the one the run
-    reached (likewise AMSGrad's running max). A run returns after its true steps
-    stayed far above the best (`lgfjax._best`): at a fixed rate that is mostly Adam's
-    own instability (``v`` decayed until the steps outgrew the curvature), and the
-    kept state would replay it step for step. The gradients of the stay raised ``v``;
-    keeping them shortens the steps the same way Adam recovers from its spikes.
-    SROSENBR (n = 5,000, lgf_adam(1e-2), 1,000 gradients): with the kept state it
-    returned three times to a best of 1.2e-3, its true steps rose to 0.4-50 each
-    time, and it ended at 87; keeping the larger ``v`` it ends at 1.9e-4 (Adam
-    2.0e-3), also after three returns.
-    """
-    nu = jax.tree_util.tree_map(jnp.maximum, best_state.nu, state.nu)
-    nu_max = best_state.nu_max
-    if nu_max is not None:
-        nu_max = jax.tree_util.tree_map(jnp.maximum, nu_max, state.nu_max)
-    return best_state._replace(nu=nu, nu_max=nu_max)
-
-
 def adam_surrogate(
     learning_rate,
     b1,
@@ -441,7 +419,6 @@ def _lgf_adam(
         target_fn=lambda grads, true_update: grads,
         record_gradients=True,
         restore_fn=adam_restore(b1),
-        return_fn=adam_return,
         # Adam is elementwise: its moments live in the engine's (flat) layout, where
         # the surrogate integrates them.
         elementwise_base=True,

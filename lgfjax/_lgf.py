@@ -411,7 +411,6 @@ def build_engine(
     resume_on_drop=False,
     length_from_error=False,
     restore_fn=None,
-    return_fn=None,
     elementwise_base=False,
 ):
     """The engine of either schedule for a front-end's base flow (shared by both).
@@ -443,7 +442,6 @@ def build_engine(
             ),
             buffer_dtype=buffer_dtype,
             restore_fn=restore_fn,
-            return_fn=return_fn,
             elementwise_base=elementwise_base,
         )
     max_surrogate_steps = _check_adaptive(

@@ -304,7 +304,6 @@ def make_verified(
     cfg: VerifiedConfig,
     buffer_dtype,
     restore_fn: Callable | None = None,
-    return_fn: Callable | None = None,
     elementwise_base: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The verified-schedule engine shared by `lgf` and `lgf_adam`.
@@ -315,10 +314,6 @@ def make_verified(
     `restore_fn(anchor_state, state)` (with ``cfg.restore_state``) is the base state
     the judging true step starts from, given the state where the phase began and the
     state the surrogate phase left (default: the former).
-
-    `return_fn(best_state, state)` is the base state a return to the best true point
-    starts from, given the state kept there and the state the run reached (default:
-    the former; see `lgfjax._best.back_to_best`).
 
     `target_fn(grads, true_update)` is what a true step measured (the quantity the flow
     models); `surrogate_fn(model, params, base_state, dtype)` is one surrogate step.
@@ -375,7 +370,6 @@ def make_verified(
         target_fn=target_fn,
         cfg=cfg,
         restore_fn=restore_fn,
-        return_fn=return_fn,
         host_warning=host_warning,
     )
 
@@ -397,7 +391,6 @@ def verified_update(
     target_fn,
     cfg,
     restore_fn,
-    return_fn,
     host_warning,
 ):
     """One update of the verified engine, in the engine's layout (`make_verified`)."""
@@ -439,7 +432,7 @@ def verified_update(
     lost = is_lost(skipped, value, state.buffers)
     undo = found.undo & ~lost & ~go_back
     step, base_state = undo_phase(undo, state.anchor, params, step, base_state)
-    step, base_state = back_to_best(go_back, state.best, params, step, base_state, return_fn)
+    step, base_state = back_to_best(go_back, state.best, params, step, base_state)
     undo = undo | go_back
     disagree = judging & ~agree
     # With `drift`, a phase that lowered the loss keeps going after a refit at once.

@@ -85,33 +85,42 @@ def test_the_bound_is_shift_and_scale_invariant_where_the_progress_rule_binds(sc
     assert int(best.returns) == 1
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_lgf_adam_returns_with_the_larger_second_moment(amsgrad):
-    # A return to the best point starts from the Adam state kept there, except that its
+def _states(kind, count, mu, nu):
+    # A base state with first moment `mu` and second moment `nu` (None: none).
+    from lgfjax._adam import AdamState
+
+    count, mu, nu = jnp.asarray(count, jnp.int32), jnp.asarray(mu), jnp.asarray(nu)
+    if kind == "lgf_adam":
+        return AdamState(count, mu, nu, None)
+    if kind == "lgf_adam amsgrad":
+        return AdamState(count, mu, nu, nu)
+    if kind == "optax.adam":
+        return (optax.ScaleByAdamState(count, mu, nu), optax.EmptyState())
+    if kind == "optax.amsgrad":
+        return (optax.ScaleByAmsgradState(count, mu, nu, nu), optax.EmptyState())
+    return (optax.TraceState(mu), optax.EmptyState())  # sgd with momentum: no nu
+
+
+@pytest.mark.parametrize(
+    "kind", ["lgf_adam", "lgf_adam amsgrad", "optax.adam", "optax.amsgrad", "optax.sgd"]
+)
+def test_a_return_keeps_the_larger_second_moment(kind):
+    # A return to the best point starts from the base state kept there, except that its
     # second moment is the larger of the kept one and the one the run reached: the stay
-    # above the best raised v, and the kept v would replay the rise (SROSENBR). A max
-    # and a copy: exact.
-    from lgfjax._adam import AdamState, adam_return
+    # above the best raised it, and the kept one would replay the rise (SROSENBR). A
+    # base without one comes back as kept. A max and a copy: exact.
     from lgfjax._best import back_to_best
 
-    def state(count, mu, nu):
-        nu = jnp.asarray(nu)
-        return AdamState(
-            jnp.asarray(count, jnp.int32), jnp.asarray(mu), nu, nu if amsgrad else None
-        )
-
-    kept = state(7, [1.0, -2.0, 3.0], [4.0, 1.0, 9.0])
-    reached = state(12, [5.0, 5.0, 5.0], [2.0, 6.0, 9.5])
+    kept = _states(kind, 7, [1.0, -2.0, 3.0], [4.0, 1.0, 9.0])
+    reached = _states(kind, 12, [5.0, 5.0, 5.0], [2.0, 6.0, 9.5])
+    larger = [4.0, 6.0, 9.5] if kind != "optax.sgd" else [4.0, 1.0, 9.0]
     params, step = jnp.array([1.0, 1.0, 1.0]), jnp.zeros(3)
     copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # noqa: E731
     best = init_best(jnp.array([0.5, 0.0, -1.0]), kept, jnp.float64, copy)
     for go_back in (True, False):
-        way, got = back_to_best(jnp.asarray(go_back), best, params, step, reached, adam_return)
-        want = state(7, [1.0, -2.0, 3.0], [4.0, 6.0, 9.5]) if go_back else reached
+        way, got = back_to_best(jnp.asarray(go_back), best, params, step, reached)
+        want = _states(kind, 7, [1.0, -2.0, 3.0], larger) if go_back else reached
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(params + way, best.params if go_back else params)
-    # Without a `return_fn` the kept state comes back as it was (lgf's bases).
-    _, got = back_to_best(jnp.asarray(True), best, params, step, reached)
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(kept)):
-        np.testing.assert_array_equal(a, b)
