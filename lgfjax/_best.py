@@ -126,10 +126,12 @@ def back_to_best(go_back, best: Best, params, step, base_state):
     the base state kept there and the larger second moments (`larger_second_moment`).
     """
 
-    def back(_):
+    def back(carry):
+        # The state reached is read from the loop's carry, not the enclosing scope: a
+        # captured operand of the in-place loop would be copied on every update.
+        _, reached = carry
         way = optax.tree.sub(optax.tree.cast_like(best.params, params), params)
-        kept = larger_second_moment(best.base_state, base_state)
-        return optax.tree.cast_like(way, step), kept
+        return optax.tree.cast_like(way, step), larger_second_moment(best.base_state, reached)
 
     return once_or_never(go_back, back, (step, base_state))
 

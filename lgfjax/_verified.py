@@ -519,7 +519,7 @@ def verified_update(
     return optax.tree.cast_like(step, updates), new_state
 
 
-def observe(value, noise: LossNoise, is_true, count, dtype, kept=False):
+def observe(value, noise: LossNoise, is_true, count, dtype, kept):
     """``(loss, standard error, noise)``: this update's mean loss (inf if unknown), its
     standard error, and the loss-noise tracker after it (`lgfjax._noise`)."""
     if value is None:
