@@ -115,12 +115,15 @@ def _fixed_steps(field, y0, t0, t1, dt0, args, solver, substeps: int):
     with a `diffrax.ConstantStepSize` controller, without its machinery.
 
     The step times are diffrax's own (``t0 + dt0``, then ``t0 + (t1 - t0) k / substeps``,
-    the last exactly `t1`), so the result is the same to the bit; what is left out
-    (the adaptive loop, its error checks, dense output and saving) is what makes
-    ``diffeqsolve`` several times as expensive to compile as the steps themselves.
-    The solver still reports its own result: `ok` is its success flag.
+    the last exactly `t1`); what is left out (the adaptive loop, its error checks,
+    dense output and saving) is what makes ``diffeqsolve`` several times as expensive
+    to compile as the steps themselves. An explicit Runge--Kutta solver that is not
+    first-same-as-last (`RK4`, Heun, ...) takes its tableau's steps in `erk_step`, the
+    same scheme rounded differently; any other solver takes its own ``step``, the same
+    to the bit, and reports its own result (`ok` is its success flag).
     """
     term = diffrax.ODETerm(field)
+    unrolled = _unrolled_tableau(solver)
     t0 = jnp.asarray(t0, jnp.result_type(t1))
     first = t0 + dt0
 
@@ -132,16 +135,60 @@ def _fixed_steps(field, y0, t0, t1, dt0, args, solver, substeps: int):
     def step(k, carry):
         y, ok, state, tprev = carry
         tnext = time(k + 1)
+        if unrolled is not None:
+            return erk_step(unrolled, field, tprev, tnext, y, args), ok, state, tnext
         y, _, _, state, result = solver.step(term, tprev, tnext, y, args, state, False)
         return y, ok & (result == diffrax.RESULTS.successful), state, tnext
 
-    state = solver.init(term, t0, time(1), y0, args)
+    state = None if unrolled is not None else solver.init(term, t0, time(1), y0, args)
     carry = (y0, jnp.asarray(True), state, t0)
     if substeps == 1:
         carry = step(0, carry)
     else:
         carry = jax.lax.fori_loop(0, substeps, step, carry)
     return carry[0], carry[1]
+
+
+def _unrolled_tableau(solver):
+    """The Butcher tableau of an explicit Runge--Kutta solver whose steps `erk_step`
+    takes (neither first-same-as-last nor solution-same-as-last), or None."""
+    if not isinstance(solver, diffrax.AbstractERK):
+        return None
+    tableau = solver.tableau
+    if not isinstance(tableau, diffrax.ButcherTableau) or tableau.fsal or tableau.ssal:
+        return None
+    return tableau
+
+
+def erk_step(tableau: diffrax.ButcherTableau, field, t0, t1, y0, args):
+    """One step of an explicit Runge--Kutta method, its stages written out.
+
+    The arithmetic is diffrax's (each stage's ``k_j = h f(t_j, y_j)``, then
+    ``y0 + sum_j a_ij k_j``) with the tableau's zero coefficients left out: no stage
+    buffer and no loop over the stages, so that the stages' elementwise work fuses.
+    For a full-space state (`lgf_adam`'s moments) diffrax's stage buffers and their
+    (stages, n) contractions cost several passes over ``n`` per stage.
+    """
+    h = t1 - t0
+    ks = []
+
+    def combine(coefficients):
+        terms = [(float(a), k) for a, k in zip(coefficients, ks) if float(a) != 0.0]
+
+        def leaf(y, *kj):
+            total = y
+            for (a, _), k in zip(terms, kj):
+                total = total + jnp.asarray(a, k.dtype) * k
+            return total
+
+        return jax.tree_util.tree_map(leaf, y0, *(k for _, k in terms))
+
+    for i in range(len(tableau.b_sol)):
+        yi = y0 if i == 0 else combine(tableau.a_lower[i - 1])
+        ti = t0 if i == 0 else t0 + jnp.asarray(float(tableau.c[i - 1]), h.dtype) * h
+        f = field(ti, yi, args)
+        ks.append(jax.tree_util.tree_map(lambda x: x * h.astype(x.dtype), f))
+    return combine(tableau.b_sol)
 
 
 def integrate_span(vector_field, y0, dt, span, *, args=None, shift_args=None, **options):

@@ -351,12 +351,16 @@ def test_centred_pod_resolves_small_moves_in_float32():
 @pytest.mark.parametrize("substeps", [1, 2, 3, 5])
 @pytest.mark.parametrize("solver", [lgfjax.RK4(), diffrax.Tsit5(), diffrax.Heun()])
 def test_fixed_steps_take_diffeqsolves_steps(dtype, substeps, solver):
-    # With a constant step size `integrate` steps the diffrax solver itself instead of
-    # calling `diffeqsolve` (much cheaper to compile). Same solver, same step times:
-    # one or two steps are the same to the bit. From three on diffrax computes the
+    # With a constant step size `integrate` takes the solver's steps itself instead of
+    # calling `diffeqsolve` (much cheaper to compile and, for a full-space state, to
+    # run). First-same-as-last solvers (Tsit5) step diffrax's own solver: one or two
+    # steps are the same to the bit. Other explicit RK solvers (RK4, Heun) take the
+    # same tableau's stages written out (`erk_step`), whose sums round differently
+    # from diffrax's stage contractions. And from three steps on diffrax computes the
     # step times as t1 * k / n, which XLA may round differently in the two programs
-    # (one ulp of t), so the states agree to a few ulps per step of a contracting,
-    # smooth field (|df/dy| <= 2 here, t1 <= 1): 8 eps per step, relative.
+    # (one ulp of t). So the states agree to a few ulps per step of a contracting,
+    # smooth field (|df/dy| <= 2 here, t1 <= 1; a stage sums at most 4 terms): 8 eps
+    # per step, relative.
     rng = np.random.default_rng(0)
     y0 = jnp.asarray(perturb(rng.normal(size=4)), dtype)
     t1 = jnp.asarray(perturb(0.37), dtype)
@@ -398,7 +402,7 @@ def test_fixed_steps_take_diffeqsolves_steps(dtype, substeps, solver):
     y, ok = ours(y0, t1)
     y_ref, ok_ref = reference(y0, t1)
     assert bool(ok) and bool(ok_ref) and y.dtype == y_ref.dtype
-    if substeps <= 2:
+    if substeps <= 2 and isinstance(solver, diffrax.Tsit5):
         np.testing.assert_array_equal(y, y_ref)
     else:
         eps = float(jnp.finfo(dtype).eps)
