@@ -273,16 +273,20 @@ def _warn_if_ungated(before, after) -> None:
 def _all_finite(*trees):
     """Whether every entry of `trees` (of one structure and leaf shapes) is finite.
 
-    One floating-point sum per leaf position of ``x * 0`` (NaN exactly when some ``x``
-    is not finite), so that the check is one fused read of its operands: a boolean
-    reduction would write an ``n``-sized mask first. Integer leaves are always finite.
+    One floating-point sum per leaf position of ``x - x`` (NaN exactly when some ``x``
+    is not finite; XLA does not fold it, as that would change NaN), so that the check
+    is one fused read of its operands: a boolean reduction would write an ``n``-sized
+    mask first, and ``x * 0`` an ``n``-sized array of zeros (XLA CPU's reduction kernel
+    takes the broadcast constant as an operand: 1.1 ms of a 10 ms `lgf_adam` true step
+    at n = 1e6). Integer leaves are always finite.
     """
 
     def zero_or_nan(*xs):
         xs = [x for x in xs if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
         if not xs or not all(jnp.size(x) for x in xs):
             return jnp.zeros((), jnp.float32)
-        total = functools.reduce(operator.add, (jnp.real(x) * 0 + jnp.imag(x) * 0 for x in xs))
+        parts = (jnp.real(x) - jnp.real(x) + (jnp.imag(x) - jnp.imag(x)) for x in xs)
+        total = functools.reduce(operator.add, parts)
         return jnp.sum(total, dtype=jnp.float32)
 
     sums = jax.tree.leaves(jax.tree.map(zero_or_nan, *trees))
