@@ -136,21 +136,29 @@ def back_to_best(go_back, best: Best, params, step, base_state):
     return once_or_never(go_back, back, (step, base_state))
 
 
-def keep_best(best: Best, when, params, base_state, loss, error, above, go_back) -> Best:
-    """`best` with this true step's point written in place if `when` (a new best)."""
+def keep_best_point(best: Best, when, params, base_state):
+    """``(best, params, base_state)``: `best` with `params` and `base_state` written in
+    place if `when` (a new best), before the step that would update the state in place
+    (`keep_best` then records the loss). The caller goes on with the `params` and
+    `base_state` returned: they pass through the loop's carry, as operands captured by
+    an in-place loop would be copied on every update."""
 
     def write(carry):
-        _, _ = carry
-        return jax.tree_util.tree_map(jnp.copy, (params, base_state))
+        _, point = carry
+        return jax.tree_util.tree_map(jnp.copy, point), point
 
-    kept_params, kept_state = once_or_never(when, write, (best.params, best.base_state))
-    return Best(
-        kept_params,
-        kept_state,
-        jnp.where(when, loss, best.loss).astype(best.loss.dtype),
-        jnp.where(when, 0, above).astype(jnp.int32),
-        (best.returns + go_back).astype(jnp.int32),
-        jnp.where(jnp.isnan(best.first) & when, loss, best.first).astype(best.first.dtype),
-        jnp.where(when, error, best.error).astype(best.error.dtype),
-        (when | best.armed) & ~go_back,
+    kept, point = once_or_never(when, write, ((best.params, best.base_state), (params, base_state)))
+    return best._replace(params=kept[0], base_state=kept[1]), point[0], point[1]
+
+
+def keep_best(best: Best, when, loss, error, above, go_back) -> Best:
+    """`best` (its point already written by `keep_best_point`) with this true step's
+    loss and standard error if `when` (a new best), and its counters advanced."""
+    return best._replace(
+        loss=jnp.where(when, loss, best.loss).astype(best.loss.dtype),
+        above=jnp.where(when, 0, above).astype(jnp.int32),
+        returns=(best.returns + go_back).astype(jnp.int32),
+        first=jnp.where(jnp.isnan(best.first) & when, loss, best.first).astype(best.first.dtype),
+        error=jnp.where(when, error, best.error).astype(best.error.dtype),
+        armed=(when | best.armed) & ~go_back,
     )

@@ -46,7 +46,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._best import Best, back_to_best, init_best, keep_best, watch
+from ._best import Best, back_to_best, init_best, keep_best, keep_best_point, watch
 from ._engine import (
     SurrogateModel,
     _fit_dtype,
@@ -403,9 +403,18 @@ def verified_update(
     dtype = model.coefficients.dtype
     is_true = sch.phase == 0
 
+    # 0. A true step at a new best point copies that point and the base state there
+    # first, before the step updates the state in place (read after it, the state would
+    # be copied on every update). The gradient's finiteness is checked here, once.
+    grads_finite = jax.lax.cond(is_true, _all_finite, lambda u: jnp.asarray(False), updates)
+    new_best = is_true & grads_finite & (mean_loss(value, dtype) < state.best.loss)
+    best_point, params, base_state = keep_best_point(state.best, new_best, params, state.base_state)
+    never = state.buffers.head < 0
+    base_state = tied(base_state, (best_point.params, best_point.base_state), never)
+    state = state._replace(base_state=base_state, best=best_point)
     # 1. The step: the base's true step (skipped if not finite), or the learned flow.
     step, base_state, code, ungated = take_step(
-        updates, state, params, base_update, surrogate_fn, cfg, extra_args, restore_fn
+        updates, state, params, base_update, surrogate_fn, cfg, extra_args, restore_fn, grads_finite
     )
     if _simulated_devices():
         host_warning(ungated)
@@ -422,7 +431,9 @@ def verified_update(
         return target_fn(updates, jax.tree.map(lambda u: u / scale.astype(u.dtype), true_step))
 
     judging = is_true & sch.verify
-    found = judge(judging, sch.length, model, params, measured, value, value_fn, state, cfg)
+    found = judge(
+        judging, sch.length, model, params, measured, value, value_fn, state, cfg, new_best
+    )
     err, agree = found.error, found.agree
     # A kept phase samples the loss noise too, unless resampled (see `_noise.track`).
     resampled = found.resampled == RESAMPLED
@@ -468,9 +479,8 @@ def verified_update(
         length=jnp.where(go_back, 1, nxt.length).astype(jnp.int32),
         horizon=jnp.where(go_back, 1, nxt.horizon).astype(jnp.int32),
     )
-    best = tied(state.best, (step, base_state), buffers.head < 0)
-    new_best = took & ~go_back & (loss < best.loss)
-    best = keep_best(best, new_best, params, state.base_state, loss, loss_error, above, go_back)
+    # (A new best excludes a return: its loss is below the best, a return's above.)
+    best = keep_best(best_point, new_best, loss, loss_error, above, go_back)
     # After a return, the next phase's reference loss is the best one's. (After an undo
     # it stays the loss of the point undone.)
     loss = jnp.where(go_back, state.best.loss, loss)
@@ -521,6 +531,14 @@ def verified_update(
     # copies the parameters on every update.
     step = tied(step, (buffers.head, fit_info.status, err, code), buffers.head < 0)
     return optax.tree.cast_like(step, updates), new_state
+
+
+def mean_loss(value, dtype):
+    """The mean loss of `value` (inf if unknown or not finite)."""
+    if value is None:
+        return jnp.asarray(jnp.inf, dtype)
+    loss = mean_and_error(value, dtype)[0]
+    return jnp.where(jnp.isfinite(loss), loss, jnp.inf)
 
 
 def observe(value, noise: LossNoise, is_true, count, dtype, kept):
@@ -611,7 +629,9 @@ def init_state(params, base_state, cfg: VerifiedConfig, buffer_dtype) -> Verifie
     )
 
 
-def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args, restore_fn=None):
+def take_step(
+    updates, state, params, base_update, surrogate_fn, cfg, extra_args, restore_fn, grads_finite
+):
     """The base's true step or one surrogate step: ``(step, base_state, status, ungated)``.
 
     A non-finite gradient (or base update) never reaches the parameters: the true
@@ -624,7 +644,7 @@ def take_step(updates, state, params, base_update, surrogate_fn, cfg, extra_args
 
     def true_step(base_state):
         new_updates, new_base = base_update(updates, base_state, params, **extra_args)
-        finite = _all_finite(updates, new_updates)
+        finite = grads_finite & _all_finite(new_updates)
         # Skipped if not finite, scaled after retreats (`back_off`): one select.
         scale = back_off(sch, finite)[2]
         new_updates = jax.tree_util.tree_map(
@@ -682,7 +702,7 @@ class Verdict(NamedTuple):
     checked: Int[Array, ""]  # true gradients counted at the last check of `resampled`
 
 
-def judge(judging, length, model: Model, params, measure, value, value_fn, state, cfg):
+def judge(judging, length, model: Model, params, measure, value, value_fn, state, cfg, new_best):
     """The `Verdict` on the phase a true step ends.
 
     `measure()` is what the true step measured (called only when `judging`).
@@ -698,7 +718,8 @@ def judge(judging, length, model: Model, params, measure, value, value_fn, state
     Without `value`, a prediction farther from the truth than standing still (error
     > 1) undoes it.
 
-    The first verdict that agrees but is inconclusive also evaluates the best true point
+    The first verdict that agrees but is inconclusive (and is not itself at a `new_best`
+    point, already written into `state.best`) also evaluates the best true point
     (`state.best`) on this batch (one more value evaluation): its loss there is the one
     recorded at it if the objective is one fixed function, else the batches are
     resampled (`_noise.same_batch`). Only a run known to be resampled lengthens its steps
@@ -792,7 +813,7 @@ def judge(judging, length, model: Model, params, measure, value, value_fn, state
         probe = agree & inconclusive & (resampled == UNKNOWN) & known
         gradients = state.info.gradient_evaluations
         recheck = judging & rose & fixed & known & (gradients >= 2 * noise.checked)
-        probe = probe | recheck
+        probe = (probe | recheck) & ~new_best
 
         def again(_):
             here = jnp.mean(jnp.asarray(value_fn(best.params), dtype))

@@ -72,7 +72,7 @@ def test_the_bound_is_shift_and_scale_invariant_where_the_progress_rule_binds(sc
     def feed(best, value):
         go, above = watch(best, jnp.asarray(True), at(value), patience=3)
         new = at(value) < best.loss
-        best = keep_best(best, new, jnp.zeros(2), (), at(value), jnp.zeros((), dtype), above, go)
+        best = keep_best(best, new, at(value), jnp.zeros((), dtype), above, go)
         return best, bool(go)
 
     for v in (3.0, 1.0):

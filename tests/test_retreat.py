@@ -87,7 +87,16 @@ def test_a_fixed_objective_has_no_loss_noise(monkeypatch, resampled, undone):
     state = state._replace(noise=noise, anchor=anchor)
     measured = lambda: jnp.zeros_like(params)  # noqa: E731
     found = judge(
-        jnp.asarray(True), i(1), state.model, params, measured, jnp.asarray(1.5), None, state, cfg
+        jnp.asarray(True),
+        i(1),
+        state.model,
+        params,
+        measured,
+        jnp.asarray(1.5),
+        None,
+        state,
+        cfg,
+        jnp.asarray(False),
     )
     assert bool(found.undo) == undone
     assert bool(found.inconclusive) == (not undone)
@@ -122,7 +131,7 @@ def test_one_fixed_objective_is_checked_again_on_a_rise(
     value_fn = lambda p: jnp.asarray(again)  # noqa: E731
     found = judge(
         jnp.asarray(True), i(1), state.model, params, measured, jnp.asarray(1.5), value_fn,
-        state, cfg,
+        state, cfg, jnp.asarray(False),
     )  # fmt: skip
     assert bool(found.undo)  # a rise of 0.5 with no loss noise: undone either way
     assert int(found.resampled) == expect
@@ -150,6 +159,8 @@ def test_a_flow_error_within_the_parameters_rounding_is_no_error(monkeypatch, si
     step = size * rounding * direction
     measured = lambda: step / cfg.step_time  # noqa: E731
     i = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
-    found = judge(jnp.asarray(True), i(1), model, params, measured, None, None, state, cfg)
+    found = judge(
+        jnp.asarray(True), i(1), model, params, measured, None, None, state, cfg, jnp.asarray(False)
+    )
     assert float(found.error) == pytest.approx(1.0, rel=1e-6)  # |0 - v| / |v|
     assert bool(found.agree) == agree
