@@ -149,3 +149,21 @@ def test_the_adam_ode_keeps_no_stage_buffer(name):
         if re.search(rf"= f32\[4,(1,)?{N}\]", line) and "dynamic-update-slice" in line
     ]
     assert not stage_buffers, stage_buffers
+
+
+@pytest.mark.parametrize("name", list(OPTIMISERS))
+def test_no_update_copies_its_donated_inputs(name):
+    # The parameters and the base's state are donated and updated in place; a read of
+    # their old values after the in-place write (the best point kept after the step
+    # had run) makes XLA copy them first, on every update: with optax's Adam as the
+    # base, the parameters and both moments, three passes over n per update.
+    hlo = _compiled_step(OPTIMISERS[name]())
+    entry = hlo[hlo.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    inputs = set(re.findall(r"%(\S+) = \S+ parameter\(", entry))
+    copied = [
+        source
+        for shape, source in re.findall(r"= (\S+) copy\(%([^)]+)\)", entry)
+        if source in inputs and str(N) in shape
+    ]
+    assert not copied, copied
