@@ -10,14 +10,18 @@ gradients are what keeps its steps from replaying the rise.
 
 The bound is the best true loss so far plus the smaller of
 
-- 9 times that loss (where it is positive: 10x the best, for losses whose minimum is
-  0, such as least squares), and
+- 9 times that loss (where it is not negative: 10x the best, for losses whose minimum
+  is 0, such as least squares; a best of exactly 0 leaves no margin), and
 - half the descent made from the first true loss to the best (a run that lost half
   of its progress: for any loss, whatever its offset or sign, such as a log-misfit or
   an energy),
 
-plus 4 standard errors of the loss where the best was found (mini-batches) and 1e-6
-of the first true loss's size (round-off near a minimum).
+plus 4 standard errors of the loss where the best was found (mini-batches) and 64 ulps
+of the first true loss's size (the rounding of the loss's own sum near a minimum).
+(It was 1e-6 of the first loss, with the factor rule for positive bests only: on
+DENSCHNF, sif2jax, `lgf_adam` reached a loss of exactly 0, then sat at 3e-6 and ended
+at 9.5e-3, all below that floor, where Adam ended at 2.6e-18; now it returns and ends
+at 0.)
 
 It costs no gradient (it reads the losses the true steps pass as `value`) and one copy
 of the parameters (and the base's state) whenever a true step finds a new best.
@@ -39,9 +43,9 @@ SPIKE_FACTOR = 10.0
 SPIKE_PROGRESS = 0.5
 # Standard errors of the loss (mini-batches) added to that bound.
 SPIKE_ERRORS = 4.0
-# And this share of the first true loss: a converged run's losses at round-off level
-# (1e-10 and 1e-12, say) are not a spike.
-SPIKE_FLOOR = 1e-6
+# And this many ulps of the first true loss: a converged run's losses at the rounding
+# of the loss's own sum are not a spike.
+SPIKE_ROUNDING = 64
 
 
 class Best(NamedTuple):
@@ -77,9 +81,10 @@ def watch(best: Best, is_true, loss, patience: int) -> tuple[Bool[Array, ""], An
     mini-batch's noise) has a wide bound, and one that descended smoothly and then
     jumped has a narrow one, however much it fluctuates after the jump."""
     first = jnp.where(jnp.isfinite(best.first), best.first, jnp.inf)
-    floor = SPIKE_FLOOR * jnp.abs(jnp.where(jnp.isfinite(first), first, 0))
+    eps = jnp.finfo(best.loss.dtype).eps
+    floor = SPIKE_ROUNDING * eps * jnp.abs(jnp.where(jnp.isfinite(first), first, 0))
     spread = SPIKE_ERRORS * best.error + floor
-    factor = jnp.where(best.loss > 0, (SPIKE_FACTOR - 1) * best.loss, jnp.inf)
+    factor = jnp.where(best.loss >= 0, (SPIKE_FACTOR - 1) * best.loss, jnp.inf)
     margin = jnp.minimum(factor, SPIKE_PROGRESS * (first - best.loss))
     bound = best.loss + margin + spread
     high = is_true & jnp.isfinite(best.loss) & jnp.isfinite(loss) & ~(loss <= bound)

@@ -85,6 +85,31 @@ def test_the_bound_is_shift_and_scale_invariant_where_the_progress_rule_binds(sc
     assert int(best.returns) == 1
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_a_best_of_zero_leaves_only_the_rounding(dtype):
+    # A least-squares run that reached a loss of exactly 0 (DENSCHNF: then it sat at
+    # 3e-6, under the old floor of 1e-6 of the first loss). A stay within 64 ulps of the
+    # first loss is the loss's own rounding and does not return; one at 128 ulps does,
+    # after `patience` true steps. (Exact: the bound is 64 eps |first| in `dtype`.)
+    best = init_best(jnp.zeros(2), (), dtype, lambda t: jax.tree_util.tree_map(jnp.copy, t))
+    first = 416.0
+    ulp = float(jnp.finfo(dtype).eps) * first
+
+    def feed(best, value):
+        value = jnp.asarray(value, dtype)
+        go, above = watch(best, jnp.asarray(True), value, patience=3)
+        best = keep_best(best, value < best.loss, value, jnp.zeros((), dtype), above, go)
+        return best, bool(go)
+
+    for v in (first, 0.0):
+        best, _ = feed(best, v)
+    gone = []
+    for v in (32 * ulp,) * 4 + (128 * ulp,) * 3:
+        best, go = feed(best, v)
+        gone.append(go)
+    assert gone == [False] * 6 + [True]
+
+
 def _states(kind, count, mu, nu):
     # A base state with first moment `mu` and second moment `nu` (None: none).
     from lgfjax._adam import AdamState
