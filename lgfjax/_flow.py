@@ -173,15 +173,15 @@ def erk_step(tableau: diffrax.ButcherTableau, field, t0, t1, y0, args):
     ks = []
 
     def combine(coefficients):
-        terms = [(float(a), k) for a, k in zip(coefficients, ks) if float(a) != 0.0]
+        used = [j for j, a in enumerate(coefficients[: len(ks)]) if float(a) != 0.0]
 
         def leaf(y, *kj):
             total = y
-            for (a, _), k in zip(terms, kj):
-                total = total + jnp.asarray(a, k.dtype) * k
+            for j, k in zip(used, kj):
+                total = total + jnp.asarray(float(coefficients[j]), k.dtype) * k
             return total
 
-        return jax.tree_util.tree_map(leaf, y0, *(k for _, k in terms))
+        return jax.tree_util.tree_map(leaf, y0, *(ks[j] for j in used))
 
     for i in range(len(tableau.b_sol)):
         yi = y0 if i == 0 else combine(tableau.a_lower[i - 1])
